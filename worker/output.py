@@ -1,0 +1,141 @@
+"""Bounded capture of one command's output: head and tail in memory, the whole stream spooled to disk past the cap."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+class Spool:
+    """A directory of spooled outputs, one subdirectory per command, kept under a byte quota (oldest evicted first)."""
+
+    def __init__(self, root: Path, quota: int) -> None:
+        self.root = root
+        self.quota = quota
+
+    def open(self, name: str) -> Path:
+        """Create the command's directory, evicting the oldest ones while the spool is over half its quota."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        dirs = sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        used = sum(_tree_size(p) for p in dirs)
+        while dirs and used > self.quota // 2:
+            oldest = dirs.pop(0)
+            used -= _tree_size(oldest)
+            shutil.rmtree(oldest, ignore_errors=True)
+        path = self.root / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def room(self) -> int:
+        """Bytes that may still be written before the quota is reached."""
+        if not self.root.exists():
+            return self.quota
+        return max(0, self.quota - _tree_size(self.root))
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class OutputCapture:
+    """One output stream: exact total size, the first and last `cap // 2` bytes, and a spool file once over the cap.
+
+    `rewrite` replaces bash's name for the sourced command file (`/…/c: line 3:`) with `bash: line 3:` in stderr,
+    across chunk boundaries, so errors read as in a terminal.
+    """
+
+    def __init__(
+        self,
+        cap: int,
+        open_spool: Callable[[], tuple[Path, int] | None] | None = None,
+        rewrite: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        self.cap = cap
+        self._tail_cap = cap - cap // 2
+        self._open_spool = open_spool
+        self.size = 0
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._rewrite = rewrite
+        self._carry = b""
+        self._file: BinaryIO | None = None
+        self._room = 0
+        self.spooled: Path | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > self.cap
+
+    def feed(self, data: bytes) -> None:
+        if self._rewrite:
+            data = self._apply_rewrite(self._carry + data)
+        self._take(data)
+
+    def finish(self) -> None:
+        """Flush what the rewrite held back and close the spool file."""
+        if self._carry:
+            self._take(self._carry)
+            self._carry = b""
+        if self._file:
+            self._file.close()
+            self._file = None
+
+    def kept(self) -> bytes:
+        """All bytes when under the cap, else head + tail."""
+        if not self.truncated:
+            return bytes(self._head + self._tail)
+        return bytes(self._head) + bytes(self._tail[-self._tail_cap :])
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        if not self._tail:
+            room = self.cap // 2 - len(self._head)
+            self._head += data[:room]
+            data = data[room:]
+        self._tail += data
+        if self._file:
+            self._write_spool(data)
+        elif self.truncated and self._open_spool and not self.spooled:
+            self._start_spool(self._open_spool)
+        if len(self._tail) > 2 * self._tail_cap:
+            del self._tail[: len(self._tail) - self._tail_cap]
+
+    def _start_spool(self, open_spool: Callable[[], tuple[Path, int] | None]) -> None:
+        # Nothing has been dropped yet: head + tail is the whole stream so far.
+        target = open_spool()
+        if target is None:
+            return
+        self.spooled, self._room = target
+        self._file = open(self.spooled, "wb")  # noqa: SIM115 - closed in finish()
+        self._write_spool(bytes(self._head) + bytes(self._tail))
+
+    def _write_spool(self, data: bytes) -> None:
+        assert self._file is not None
+        chunk = data[: self._room]
+        self._file.write(chunk)
+        self._room -= len(chunk)
+
+    def _apply_rewrite(self, data: bytes) -> bytes:
+        assert self._rewrite is not None
+        old, new = self._rewrite
+        data = data.replace(old, new)
+        # Hold back a suffix that could be the start of `old` completed by the next chunk.
+        for k in range(min(len(old) - 1, len(data)), 0, -1):
+            if data.endswith(old[:k]):
+                self._carry = data[-k:]
+                return data[:-k]
+        self._carry = b""
+        return data
+
+
+def read_available(fd: int, limit: int = 1 << 16) -> bytes | None:
+    """One non-blocking read: bytes, b"" at EOF, or None when nothing is there yet."""
+    try:
+        return os.read(fd, limit)
+    except BlockingIOError:
+        return None

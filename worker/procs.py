@@ -1,0 +1,133 @@
+"""Linux process facts from /proc: who belongs to a shell's command, zombie reaping, the child subreaper flag."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class Proc(NamedTuple):
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    sid: int
+
+
+def stat(pid: int) -> Proc | None:
+    """Parse /proc/PID/stat; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces and parentheses.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return Proc(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]))
+
+
+def all_procs() -> list[Proc]:
+    procs = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (p := stat(int(name))) is not None:
+            procs.append(p)
+    return procs
+
+
+def last_pid() -> int | None:
+    """The pid most recently handed out in this pid namespace (/proc/sys/kernel/ns_last_pid)."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def born_between(pid: int, lo: int | None, hi: int | None) -> bool:
+    """Was `pid` handed out after `lo` and no later than `hi` (pids wrap around at pid_max)?"""
+    if lo is None or hi is None:
+        return True
+    if lo <= hi:
+        return lo < pid <= hi
+    return pid > lo or pid <= hi
+
+
+def command_procs(
+    shell_pid: int, since: int | None, adopter: int | None = None, exclude: Iterable[int] = ()
+) -> list[int]:
+    """Processes a command of the shell `shell_pid` (a session leader) started after pid `since` was handed out.
+
+    That is every process in the shell's own process group but the shell itself (command substitutions), every
+    process group of the shell's session created since (the command's foreground and background jobs), any newer
+    descendant of the shell that moved to a session of its own, and, when this process is the child subreaper
+    `adopter`, any newer orphan it adopted (a `setsid` child whose parent exited) that is not in `exclude`.
+    """
+    procs = all_procs()
+    now = last_pid()
+    parent = {p.pid: p.ppid for p in procs}
+    skip = {shell_pid, *exclude}
+    found = []
+    for p in procs:
+        if p.pid in skip or p.state == "Z":
+            continue
+        in_session = p.sid == shell_pid and (p.pgrp == shell_pid or born_between(p.pgrp, since, now))
+        newer = born_between(p.pid, since, now)
+        adopted = adopter is not None and _descends(p.pid, adopter, parent, skip)
+        if in_session or (newer and (_descends(p.pid, shell_pid, parent, set()) or adopted)):
+            found.append(p.pid)
+    return found
+
+
+def terminate(find: Callable[[], list[int]], grace: float) -> None:
+    """SIGTERM what `find` returns, wait up to `grace` seconds for it to go, then SIGKILL what is left."""
+    deadline = time.monotonic() + grace
+    pids = find()
+    signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGCONT)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pids = find()
+    signal_all(pids, signal.SIGKILL)
+
+
+def _descends(pid: int, ancestor: int, parent: dict[int, int], stop: set[int]) -> bool:
+    """Is `ancestor` up the parent chain of `pid`, before any pid in `stop`?"""
+    for _ in range(256):
+        pid = parent.get(pid, 0)
+        if pid == ancestor:
+            return True
+        if pid <= 1 or pid in stop:
+            return False
+    return False
+
+
+def signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants of this process re-parent to it (prctl PR_SET_CHILD_SUBREAPER)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def reap_zombies(keep: Iterable[int]) -> int:
+    """Reap zombie children of this process, except the pids in `keep` (their owners wait for them); count them."""
+    me, kept, reaped = os.getpid(), set(keep), 0
+    for p in all_procs():
+        if p.ppid == me and p.state == "Z" and p.pid not in kept:
+            try:
+                os.waitpid(p.pid, os.WNOHANG)
+                reaped += 1
+            except ChildProcessError:
+                pass
+    return reaped
