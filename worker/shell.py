@@ -180,6 +180,7 @@ class _Running:
     cwd: str | None = None
     done: bool = False
     reported: bool = False
+    stoppable: bool = True
     bash_gone: bool = False
     step: int = 0
     step_deadline: float = math.inf
@@ -206,6 +207,7 @@ class Shell:
         self.kill_grace = kill_grace
         self.reap_orphans = reap_orphans and procs.set_child_subreaper()
         self._owns_work_dir = work_dir is None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._spool = Spool(self.work_dir / "spool", spool_quota)
         self._start_cwd = cwd or str(self.work_dir)
         self._env = _shell_env(env)
@@ -213,6 +215,7 @@ class Shell:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._interrupt = threading.Event()
+        self._cancel: threading.Event | None = None
         self._last_reap = 0.0
         self._seq = 0
         self._closed = False
@@ -236,9 +239,11 @@ class Shell:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         spool_name: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> ShellResult:
         """Run one command to its end, its timeout or an interrupt. `env` is exported and `cwd` entered first (both
-        persist, as if typed before the command)."""
+        persist, as if typed before the command). Setting `cancel` and then calling `interrupt()` stops this command
+        even if the interrupt came before it started."""
         body = command.encode() if isinstance(command, str) else command
         for name in env or {}:
             if not _ENV_NAME.match(name):
@@ -250,6 +255,7 @@ class Shell:
             while read_available(self._wake_r):
                 pass
             self._seq += 1
+            self._cancel = cancel
             start = time.monotonic()
             refusal = self._refusal(body, cwd)
             if refusal is not None:
@@ -367,24 +373,30 @@ class Shell:
         while not run.done:
             now = time.monotonic()
             wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK) - now
-            for fd, _ in poller.poll(max(0, int(wait * 1000))):
+            events = poller.poll(max(0, int(wait * 1000)))
+            for fd, _ in events:
                 if fd in run.streams:
                     self._pump(fd, run, poller)
                 elif fd == self._bash.report_r:
                     self._read_reports(run)
-                elif read_available(self._wake_r) and self._interrupt.is_set() and run.step == 0:
-                    self._begin_stop(run, "cancelled")
-            self._check_progress(run)
+                else:
+                    read_available(self._wake_r)  # an interrupt: acted on in _check_progress
+            self._check_progress(run, idle=not events)
 
-    def _check_progress(self, run: _Running) -> None:
+    def _interrupted(self) -> bool:
+        return self._interrupt.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def _check_progress(self, run: _Running, idle: bool) -> None:
         if run.done:
             return
         now = time.monotonic()
         if run.step == 0 and now >= run.deadline:
             self._begin_stop(run, "timeout")
+        elif run.step == 0 and run.stoppable and self._interrupted():
+            self._begin_stop(run, "cancelled")
         elif run.step and now >= run.step_deadline:
             self._escalate(run)
-        if self._bash.stopped():  # `kill -STOP $$`: bash cannot even run its trap
+        if idle and self._bash.stopped():  # `kill -STOP $$`: bash cannot even run its trap
             os.kill(self._bash.pid, signal.SIGCONT)
 
     def _pump(self, fd: int, run: _Running, poller: select.poll) -> None:
@@ -475,6 +487,7 @@ class Shell:
         )
         self._bash = bash
         run = self._new_running(ready, time.monotonic() + 30, None)
+        run.stoppable = False
         self._wait(run)
         if run.bash_gone or run.cwd is None:
             raise RuntimeError(f"bash did not start (status {bash.kill()})")

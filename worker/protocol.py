@@ -1,0 +1,287 @@
+"""The wire contract: key names, the stream entry models, the codec, limits and defaults (DESIGN.md "Wire format").
+
+Every stream entry is a flat map whose field names are a model's fields. Scalars are plain text (booleans `1`/`0`,
+numbers in decimal), bytes fields are stored as they are, nested values are msgpack, an absent field is None or the
+field's default. So a person can write a command and read a result with redis-cli:
+
+    redis-cli XADD 'shellq:{s1}:cmd' '*' cmd 'cd /tmp && ls'
+    redis-cli XRANGE 'shellq:{s1}:res' - +
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+
+import msgpack  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from redis import Redis
+
+from worker.errors import ConfigError
+
+WIRE_VERSION = 1
+MAX_ENTRY_BYTES = 1 << 20
+"""A command entry larger than this (field names and values together) is rejected."""
+OUTPUT_CAP = 1 << 20
+"""Bytes of stdout (and of stderr) kept in a result: the first and the last half."""
+DEFAULT_TIMEOUT = 300.0
+"""Execution limit in seconds for a command that names none (SHELLQ_DEFAULT_TIMEOUT)."""
+MAX_TIMEOUT = 86400.0
+"""The largest timeout a command may ask for (SHELLQ_MAX_TIMEOUT); above it the command is rejected."""
+GROUP = "shellq"
+"""The consumer group on every session's command stream."""
+
+Status = Literal["completed", "timeout", "cancelled", "interrupted", "shell_exited", "rejected", "lost", "unavailable"]
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_ENTRY_ID = re.compile(rb"^\d+-\d+$")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Validate a session or command id: `^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$` (safe in keys, ACLs, paths, CLIs)."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ConfigError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '_' or '-', not starting with '_' or '-'"
+        )
+    return value
+
+
+def is_entry_id(value: str | bytes) -> bool:
+    """Does this look like a stream entry id (`1700000000000-0`)? Client command ids never do."""
+    return bool(_ENTRY_ID.match(value.encode() if isinstance(value, str) else value))
+
+
+class Keys(NamedTuple):
+    """The Redis keys of one session; all carry the hash tag `{S}` so they live on one cluster shard."""
+
+    cmd: str
+    res: str
+    ctl: str
+    live: str
+    meta: str
+    lease: str
+    seq: str
+
+    def jrnl(self, command_id: str) -> str:
+        """The journal hash of one command: `entry` (its command entry id), `res` (its result entry id)."""
+        return f"{self.cmd[: -len('cmd')]}jrnl:{command_id}"
+
+
+def keys(session: str) -> Keys:
+    check_id(session, "session id")
+    p = f"shellq:{{{session}}}:"
+    return Keys(p + "cmd", p + "res", p + "ctl", p + "live", p + "meta", p + "lease", p + "seq")
+
+
+class WireModel(BaseModel):
+    """Base of every stream entry model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    wire_bytes: ClassVar[frozenset[str]] = frozenset()
+    """Fields kept as raw bytes on the wire."""
+    wire_packed: ClassVar[frozenset[str]] = frozenset()
+    """Fields msgpack-encoded on the wire."""
+
+    v: int = WIRE_VERSION
+    """Wire version."""
+
+    @field_validator("v")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != WIRE_VERSION:
+            raise ValueError(f"wire version {value} is not supported (this shellq speaks {WIRE_VERSION})")
+        return value
+
+
+class CommandRequest(WireModel):
+    """A command on `shellq:{S}:cmd`."""
+
+    wire_bytes = frozenset({"cmd"})
+    wire_packed = frozenset({"env"})
+
+    op: Literal["exec"] = "exec"
+    """What to do; only `exec` so far."""
+    id: str | None = None
+    """Client command id, the idempotency key; absent in hand-written entries (the entry id is used)."""
+    cmd: bytes
+    """The shell text, run as a file that bash sources."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Execution limit in seconds; None = the worker's default."""
+    env: dict[str, str] | None = None
+    """Variables exported before the command (they persist, like `export`)."""
+    cwd: str | None = None
+    """Directory entered before the command (it persists, like `cd`)."""
+    idempotent: bool = False
+    """Safe to run again if the worker died while it ran."""
+
+    @field_validator("id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is not None and (is_entry_id(value) or not ID_PATTERN.match(value)):
+            raise ValueError("must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ and not look like an entry id")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name in value or {}:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+        return value
+
+
+class CommandResult(WireModel):
+    """The one result of a command, on `shellq:{S}:res`."""
+
+    wire_bytes = frozenset({"stdout", "stderr"})
+
+    id: str
+    """The command id: what `submit` returned (the entry id for hand-written commands)."""
+    entry_id: str
+    """The command's entry id on the command stream."""
+    status: Status
+    """What happened; see the statuses table in the README."""
+    exit_code: int | None = None
+    """The command's exit status (signals as 128+n); None when it did not run to an exit."""
+    stdout: bytes = b""
+    """stdout as kept: all of it, or the first and last 512 KiB when truncated."""
+    stderr: bytes = b""
+    """stderr as kept."""
+    stdout_size: int = 0
+    """Total bytes the command wrote to stdout."""
+    stderr_size: int = 0
+    """Total bytes the command wrote to stderr."""
+    truncated: bool = False
+    """Some output is not in this entry (see spool_path)."""
+    spool_path: str | None = None
+    """Directory in the session holding the full `stdout` and `stderr` when truncated."""
+    cwd: str | None = None
+    """The shell's working directory after the command."""
+    duration_ms: float = 0.0
+    """Wall time of the command in the shell."""
+    shell_epoch: int = 0
+    """Increases whenever bash was respawned: a changed epoch means shell state was reset."""
+    error: str | None = None
+    """Why shellq could not run the command as asked (rejected, lost, unavailable, interrupted)."""
+
+
+class ControlRequest(WireModel):
+    """An out-of-band message on `shellq:{S}:ctl`."""
+
+    op: Literal["interrupt", "shutdown"]
+    """`interrupt` a command (running → cancelled, queued → cancelled without running) or `shutdown` the worker."""
+    id: str | None = None
+    """The command an interrupt is for."""
+
+
+M = TypeVar("M", bound=WireModel)
+
+
+def encode(model: WireModel) -> dict[str, bytes]:
+    """The flat field map of a model for XADD; None fields are left out."""
+    out = {}
+    for name, value in model:
+        if value is None:
+            continue
+        if name in model.wire_packed:
+            out[name] = msgpack.packb(value)
+        elif isinstance(value, bool):
+            out[name] = b"1" if value else b"0"
+        elif isinstance(value, bytes):
+            out[name] = value
+        else:
+            out[name] = str(value).encode()
+    return out
+
+
+class DecodeError(ValueError):
+    """An entry that does not match its model; the message is readable and names the field."""
+
+
+def decode(model: type[M], fields: dict[bytes, bytes]) -> M:
+    """Parse a stream entry's fields into `model`; raises DecodeError with a readable reason."""
+    data: dict[str, Any] = {}
+    try:
+        for raw_name, raw in fields.items():
+            name = raw_name.decode()
+            if name in model.wire_bytes:
+                data[name] = raw
+            elif name in model.wire_packed:
+                data[name] = msgpack.unpackb(raw, max_str_len=MAX_ENTRY_BYTES, max_bin_len=MAX_ENTRY_BYTES)
+            else:
+                data[name] = raw.decode()
+    except (UnicodeDecodeError, ValueError, msgpack.UnpackException) as e:
+        raise DecodeError(f"field {raw_name!r} cannot be read: {e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors())
+        raise DecodeError(reasons) from None
+
+
+def entry_size(fields: dict[bytes, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
+FUNCTIONS = (Path(__file__).with_name("functions.lua")).read_text()
+"""The Redis Functions library `shellq`: submit, commit, heartbeat and liveness, each one atomic step."""
+
+
+def load_functions(client: Redis) -> None:
+    """FUNCTION LOAD REPLACE the library (idempotent; persisted and replicated by Redis like data)."""
+    client.function_load(FUNCTIONS, replace=True)
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+
+S = TypeVar("S", bound="EnvSettings")
+log = logging.getLogger("shellq.settings")
+
+ENV_NAMES = frozenset(
+    f"SHELLQ_{name}"
+    for name in [
+        *("REDIS_URL", "SESSION", "REDIS_PASSWORD_FILE", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "HEARTBEAT"),
+        *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
+        *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER"),
+    ]
+)
+"""Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""
+
+
+class EnvSettings(BaseModel):
+    """A settings model whose field `x` is read from `SHELLQ_X`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    @classmethod
+    def from_env(cls: type[S], environ: dict[str, str] | None = None, **overrides: Any) -> S:
+        """Read `SHELLQ_<FIELD>` for each field; explicit `overrides` (not None) win. Warns about unknown names."""
+        environ = dict(os.environ if environ is None else environ)
+        warn_unknown(environ)
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            var = f"SHELLQ_{name.upper()}"
+            if environ.get(var):
+                values[name] = environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            reasons = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"invalid {cls.__name__}: {reasons}") from None
+
+
+_warned: set[str] = set()
+
+
+def warn_unknown(environ: dict[str, str]) -> None:
+    """Log (once per name and process) each SHELLQ_* variable shellq does not read, with the closest known name."""
+    for var in sorted(v for v in environ if v.startswith("SHELLQ_") and v not in ENV_NAMES | _warned):
+        _warned.add(var)
+        close = difflib.get_close_matches(var, sorted(ENV_NAMES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("unknown setting %s is ignored%s", var, hint)

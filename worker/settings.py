@@ -1,0 +1,43 @@
+"""The worker's settings, read from `SHELLQ_*` environment variables (see `EnvSettings`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from worker import protocol
+from worker.protocol import EnvSettings
+
+
+class WorkerSettings(EnvSettings):
+    """How a worker serves one session."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    """Redis to serve from (redis://, rediss://, user:pass@)."""
+    session: str
+    """The session id."""
+    redis_password_file: Path | None = None
+    """A file holding the Redis password (kept out of the URL and the environment)."""
+    default_timeout: float = Field(default=protocol.DEFAULT_TIMEOUT, gt=0)
+    """Execution limit for commands that name none, seconds."""
+    max_timeout: float = Field(default=protocol.MAX_TIMEOUT, gt=0)
+    """The largest timeout a command may ask for; above it the command is rejected."""
+    heartbeat: float = Field(default=1.0, gt=0)
+    """Seconds between heartbeats in the session's meta hash."""
+    shutdown_grace: float = Field(default=5.0, ge=0)
+    """On SIGTERM, how long the running command may go on before it is stopped and reported `interrupted`."""
+    kill_grace: float = Field(default=1.0, gt=0)
+    """Seconds between the steps SIGINT -> SIGTERM -> SIGKILL when a command is stopped."""
+    output_cap: int = Field(default=protocol.OUTPUT_CAP, ge=1024)
+    """Bytes of each output stream kept in a result."""
+    spool_quota: int = Field(default=1 << 30, ge=0)
+    """Bytes of spooled output kept in the session directory."""
+    work_dir: Path | None = None
+    """The session directory (spooled output); default: a directory under the system temp dir."""
+    results_maxlen: int = Field(default=10_000, ge=1)
+    """About how many results the result stream keeps (XADD MAXLEN ~)."""
+    journal_ttl: int = Field(default=7 * 86400, ge=1)
+    """Seconds a command's journal entry (its idempotency record) is kept."""
+    block_ms: int = Field(default=1000, ge=1)
+    """Longest single wait for a new command; bounds how late a stop request is noticed."""
