@@ -85,6 +85,14 @@ def command_procs(
     return found
 
 
+def adopted(since: int | None, exclude: Iterable[int]) -> list[int]:
+    """Orphans this child subreaper adopted that were born after pid `since` (not in `exclude`), with every process
+    of their sessions: what a `setsid` job left behind when its parent exited."""
+    procs, now, me, skip = all_procs(), last_pid(), os.getpid(), set(exclude)
+    orphans = {p.pid for p in procs if p.ppid == me and p.pid not in skip and born_between(p.pid, since, now)}
+    return [p.pid for p in procs if p.state != "Z" and (p.pid in orphans or p.sid in orphans)]
+
+
 def terminate(find: Callable[[], list[int]], grace: float) -> None:
     """SIGTERM what `find` returns, wait up to `grace` seconds for it to go, then SIGKILL what is left."""
     deadline = time.monotonic() + grace

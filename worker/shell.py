@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from worker import procs
 from worker.output import OutputCapture, Spool, read_available
@@ -84,6 +84,9 @@ class ShellResult:
 class _Bash:
     """One bash process in a session of its own, with its report pipe, its output FIFOs and its guard."""
 
+    live_pids: ClassVar[set[int]] = set()
+    """bash and guard pids of every live shell in this process (not orphans, whoever adopted them)."""
+
     def __init__(self, env: dict[str, str], cwd: str) -> None:
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
@@ -119,6 +122,7 @@ class _Bash:
         os.close(guard_r)
         self.pid = self.proc.pid
         self.guard_pid = self._guard.pid
+        _Bash.live_pids.update((self.pid, self.guard_pid))
         self.buffer = b""
 
     def _make_fifos(self) -> tuple[Path, Path]:
@@ -158,6 +162,7 @@ class _Bash:
         os.close(self._guard_w)
         code = self.proc.wait()
         self._guard.wait()
+        _Bash.live_pids.difference_update((self.pid, self.guard_pid))
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         os.close(self.report_r)
@@ -206,6 +211,7 @@ class Shell:
         self.output_cap = output_cap
         self.kill_grace = kill_grace
         self.reap_orphans = reap_orphans and procs.set_child_subreaper()
+        self._born = procs.last_pid()
         self._owns_work_dir = work_dir is None
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._spool = Spool(self.work_dir / "spool", spool_quota)
@@ -274,6 +280,8 @@ class Shell:
                 return
             self._closed = True
             self._bash.kill()
+            if self.reap_orphans:
+                procs.signal_all(procs.adopted(self._born, exclude=_Bash.live_pids), signal.SIGKILL)
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self._owns_work_dir:
@@ -330,8 +338,11 @@ class Shell:
     def _execute(
         self, body: bytes, timeout: float | None, env: dict[str, str], cwd: str | None, spool_name: str | None
     ) -> _Running:
+        if self._bash.proc.poll() is not None:  # killed while idle: the new command gets a new shell
+            self._bash.kill()
+            self._bash = self._spawn()
         bash = self._bash
-        self._bash.cmd_file.write_bytes(body)
+        bash.cmd_file.write_bytes(body)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
@@ -350,16 +361,19 @@ class Shell:
         return run
 
     def _driver(self, nonce: bytes, env: dict[str, str], cwd: str | None) -> bytes:
-        """The one line bash reads for a command. It expands no variable that `set -u` could trip on."""
+        """The one line bash reads for a command. It expands no variable that `set -u` could trip on, and under
+        `set -x` traces nothing of its own into the command's stderr: the group's stderr is /dev/null (where the
+        trace of `source` goes) and the command's stderr is the FIFO, reached through a spare descriptor E."""
         b = self._bash
-        prelude = "".join(f"builtin export {k}={shlex.quote(v)}; " for k, v in env.items())
+        e = b.report_fd + 1
+        prelude = "".join(f"builtin export {k}={shlex.quote(v)} 2>&{e}; " for k, v in env.items())
         if cwd is not None:
-            prelude += f"builtin cd -- {shlex.quote(cwd)} && "
+            prelude += f"builtin cd -- {shlex.quote(cwd)} 2>&{e} && "
         return (
             (
                 f"builtin jobs >/dev/null 2>&1; builtin trap 'builtin return 130' INT; "
-                f"{{ {prelude}builtin source {self._bash.cmd_file}; }} </dev/null >{b.out_path} 2>{b.err_path} "
-                f"{b.report_fd}>&-; "
+                f"{{ {prelude}builtin source {b.cmd_file} 2>&{e} {e}>&-; }} "
+                f"</dev/null >{b.out_path} 2>/dev/null {e}>{b.err_path} {b.report_fd}>&-; "
             ).encode()
             + b.report(nonce, b'"$?"')
             + b"\n"
@@ -466,8 +480,10 @@ class Shell:
                 lingering.append(fd)
             else:
                 os.close(fd)
-        for capture in (run.out, run.err):
+        for capture, name in ((run.out, "stdout"), (run.err, "stderr")):
             capture.finish()
+            if run.spool_dir and capture.spooled is None:  # the other stream overflowed: keep this one beside it
+                (run.spool_dir / name).write_bytes(capture.kept())
         if lingering:
             self._bash.replace_fifos()
             for fd in lingering:
