@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` (the main job) and `make check` (what CI runs).
 PY := .venv/bin/python
 
-.PHONY: env check lint test clean
+.PHONY: env check lint test demo clean
 
 env:
 	@scripts/bootstrap
@@ -15,6 +15,9 @@ test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 check: lint test
+
+demo: env
+	@scripts/demo
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache build *.egg-info

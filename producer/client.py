@@ -240,16 +240,24 @@ class Session:
             if time.monotonic() - started >= self.client.settings.no_worker_after:
                 self._check_worker()
 
-    def _check_worker(self) -> None:
-        """FCALL_RO shellq_alive: raise NoWorkerError when the session's heartbeat is missing or too old."""
+    def worker_alive(self) -> bool:
+        """Has a worker sent a heartbeat on this session within `no_worker_after` seconds?"""
+        age = self._heartbeat_age()
+        return age is not None and age <= self.client.settings.no_worker_after
+
+    def _heartbeat_age(self) -> float | None:
+        """FCALL_RO shellq_alive: seconds since the session's last heartbeat, by the server's clock."""
         self.client.ensure_functions()
         with _redis_errors(self.client.settings.redis_url):
             reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
         now_ms, beat = reply
-        limit = self.client.settings.no_worker_after
-        if beat is None:
+        return None if beat is None else (int(now_ms) - int(beat)) / 1000
+
+    def _check_worker(self) -> None:
+        """Raise NoWorkerError when the session's heartbeat is missing or too old."""
+        age, limit = self._heartbeat_age(), self.client.settings.no_worker_after
+        if age is None:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
-        age = (int(now_ms) - int(beat)) / 1000
         if age > limit:
             raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago (limit {limit:g}s)")
 

@@ -246,7 +246,7 @@ ENV_NAMES = frozenset(
     for name in [
         *("REDIS_URL", "SESSION", "REDIS_PASSWORD_FILE", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "HEARTBEAT"),
         *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
-        *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER"),
+        *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME"),
     ]
 )
 """Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""

@@ -1,0 +1,123 @@
+"""The local backend: a session's worker as a background process on this machine, with no isolation.
+
+For development and the zero-setup quick start (Linux only: the shell needs /proc, process groups and the child
+subreaper flag). The Docker backend gives each session its own container instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from worker import protocol
+from worker.errors import ShellqError
+
+
+class SessionStartError(ShellqError):
+    """The worker did not come up; the message carries the last lines of its log."""
+
+
+class LocalBackend:
+    """Start and stop session workers as local processes; their logs go to `log_dir/<session>.log`."""
+
+    name = "local"
+
+    def __init__(self, redis_url: str, log_dir: Path, work_root: Path | None = None) -> None:
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.work_root = work_root or log_dir
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=10)
+
+    def log_path(self, session: str) -> Path:
+        return self.log_dir / f"{protocol.check_id(session, 'session id')}.log"
+
+    def start(self, session: str, start_timeout: float = 20.0, env: dict[str, str] | None = None) -> int:
+        """Start the worker in the background and wait for its first heartbeat; returns its pid."""
+        keys = protocol.keys(session)
+        if self._alive_pid(session):
+            raise ShellqError(f"session {session} already has a live worker")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, **(env or {})}
+        full_env.update(
+            SHELLQ_REDIS_URL=self.redis_url,
+            SHELLQ_SESSION=session,
+            SHELLQ_WORK_DIR=str(self.work_root / session),
+        )
+        with open(self.log_path(session), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"],
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + start_timeout
+        while self.redis.hget(keys.meta, "pid") != str(proc.pid).encode():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SessionStartError(f"the worker of session {session} did not start:\n{self._log_tail(session)}")
+            time.sleep(0.05)
+        self.redis.hset(keys.meta, mapping={"backend": self.name, "log": str(self.log_path(session))})
+        return proc.pid
+
+    def stop(self, session: str, timeout: float = 10.0) -> bool:
+        """Ask the worker to shut down (control stream), then SIGTERM and SIGKILL it if it lingers. Idempotent;
+        returns whether a worker was running."""
+        keys = protocol.keys(session)
+        pid = self._alive_pid(session)
+        if pid is None:
+            return False
+        self.redis.xadd(keys.ctl, protocol.encode(protocol.ControlRequest(op="shutdown")))  # type: ignore[arg-type]
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                _signal(pid, sig)
+            deadline = time.monotonic() + timeout / 2
+            while pid_running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not pid_running(pid):
+                break
+        self.redis.hset(keys.meta, "state", "stopped")
+        return True
+
+    def _alive_pid(self, session: str) -> int | None:
+        """The pid of the session's worker if it runs on this machine."""
+        raw = self.redis.hget(protocol.keys(session).meta, "pid")
+        if not raw:
+            return None
+        pid = int(raw)
+        return pid if pid_running(pid) and b"worker" in _cmdline(pid) else None
+
+    def _log_tail(self, session: str, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path(session).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def pid_running(pid: int) -> bool:
+    """The process exists and is not a zombie (whoever its parent is)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -1,0 +1,219 @@
+"""The `shellq` command.
+
+    shellq up | down                           a private server in the background (the embedded default)
+    shellq session start [--name S]            a session with a local worker; prints its name
+    shellq session stop S [--keep]             stop its worker; delete its streams unless --keep
+    shellq session list                        name, backend, worker alive, queue depth, current command, epoch
+    shellq exec S [--timeout T] [--json] [--env K=V] [--cwd DIR] -- CMD
+                                               run CMD; its stdout/stderr and exit status become shellq's
+                                               (124 timeout, 130 cancelled, 125 when shellq could not run it)
+    shellq worker                              serve one session (same as python -m worker)
+
+Redis: SHELLQ_REDIS_URL, else the server of `shellq up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from producer.client import Client, ClientSettings
+from producer.result import Result
+from worker.errors import ShellqError
+
+EXIT_TIMEOUT, EXIT_SHELLQ, EXIT_CANCELLED = 124, 125, 130
+
+
+class CliError(ShellqError):
+    """A user-facing error: printed as `shellq: message`, exit status 1 (125 for `exec`)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        from worker.__main__ import main as worker_main
+
+        return worker_main(argv[1:])
+    command: list[str] = []
+    if "--" in argv:  # everything after `--` is the command, untouched
+        argv, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    args = _parser().parse_args(argv)
+    if "command" in args:
+        args.command += command
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ShellqError as e:
+        print(f"shellq: {e}", file=sys.stderr)
+        return EXIT_SHELLQ if handler is cmd_exec else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shellq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    verbs = p.add_subparsers(required=True, metavar="VERB")
+    up = verbs.add_parser("up", help="start the private server in the background")
+    up.add_argument("--data-dir", help="where the server keeps its data (default: in the shellq state dir)")
+    up.add_argument("--port", type=int, default=0)
+    up.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
+    up.set_defaults(handler=cmd_up)
+    verbs.add_parser("down", help="stop the private server").set_defaults(handler=cmd_down)
+    verbs.add_parser("worker", help="serve one session (python -m worker)", add_help=False)
+
+    session = verbs.add_parser("session", help="start, stop and list sessions").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    start = session.add_parser("start", help="start a session and its worker")
+    start.add_argument("--name", help="session id (default: a new one)")
+    start.add_argument("--backend", choices=["local"], default="local")
+    start.set_defaults(handler=cmd_session_start)
+    stop = session.add_parser("stop", help="stop a session's worker")
+    stop.add_argument("name")
+    stop.add_argument("--keep", action="store_true", help="keep the session's streams (history) in Redis")
+    stop.set_defaults(handler=cmd_session_stop)
+    session.add_parser("list", help="list sessions").set_defaults(handler=cmd_session_list)
+
+    ex = verbs.add_parser("exec", help="run a command in a session")
+    ex.add_argument("name")
+    ex.add_argument("--timeout", type=float, help="execution limit in seconds (default: the worker's)")
+    ex.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    ex.add_argument("--env", action="append", default=[], metavar="K=V", help="export K=V first (repeatable)")
+    ex.add_argument("--cwd", help="cd here first")
+    ex.add_argument("command", nargs="*", help="the command (after --), joined with spaces")
+    ex.set_defaults(handler=cmd_exec)
+    return p
+
+
+# -- Redis location ------------------------------------------------------------------------------------------------
+
+
+def redis_url() -> str:
+    """SHELLQ_REDIS_URL, else the URL `shellq up` recorded (said once on stderr)."""
+    if url := os.environ.get("SHELLQ_REDIS_URL"):
+        return url
+    from containers import embedded
+
+    info = embedded.recorded()
+    if info is None:
+        raise CliError("no Redis: set SHELLQ_REDIS_URL or run `shellq up`")
+    print(f"shellq: using the server of `shellq up` (127.0.0.1:{info.port})", file=sys.stderr)
+    return info.url
+
+
+def _client() -> Client:
+    return Client(settings=ClientSettings.from_env(redis_url=redis_url()))
+
+
+# -- verbs -----------------------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from containers import embedded
+
+    data = Path(args.data_dir) if args.data_dir else None
+    info, started = embedded.up(data, port=args.port, appendfsync=args.appendfsync)
+    state = "started" if started else "already running"
+    print(f"shellq: server {state}: {os.path.basename(info.binary)} on 127.0.0.1:{info.port} (pid {info.pid})")
+    print(f"shellq: data in {info.data_dir} (AOF on); the other verbs find it; `shellq down` stops it")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from containers import embedded
+
+    info = embedded.down()
+    print("shellq: server stopped" if info else "shellq: no server was running")
+    return 0
+
+
+def cmd_session_start(args: argparse.Namespace) -> int:
+    from containers import embedded
+    from containers.local import LocalBackend
+
+    name = args.name or f"s-{uuid.uuid4().hex[:8]}"
+    home = embedded.state_dir()
+    backend = LocalBackend(redis_url(), log_dir=home / "logs", work_root=home / "sessions")
+    pid = backend.start(name)
+    print(name)
+    print(f"shellq: session {name}: local worker pid {pid}, log {backend.log_path(name)}", file=sys.stderr)
+    return 0
+
+
+def cmd_session_stop(args: argparse.Namespace) -> int:
+    from containers import embedded
+    from containers.local import LocalBackend
+    from producer.admin import delete_session
+
+    home = embedded.state_dir()
+    url = redis_url()
+    was_running = LocalBackend(url, log_dir=home / "logs").stop(args.name)
+    deleted = 0 if args.keep else delete_session(Client(url), args.name)
+    what = "stopped its worker" if was_running else "no worker was running"
+    kept = "streams kept" if args.keep else f"{deleted} keys deleted"
+    print(f"shellq: session {args.name}: {what}; {kept}")
+    return 0
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    from producer.admin import list_sessions
+
+    rows = list_sessions(_client())
+    print(f"{'SESSION':<24}{'BACKEND':<9}{'WORKER':<8}{'STATE':<9}{'QUEUE':>6}  {'EPOCH':>5}  CURRENT")
+    for r in rows:
+        depth = "?" if r.queue_depth is None else str(r.queue_depth)
+        alive = "alive" if r.worker_alive else "down"
+        print(f"{r.name:<24}{r.backend:<9}{alive:<8}{r.state:<9}{depth:>6}  {r.shell_epoch:>5}  {r.current}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command
+    if not command:
+        raise CliError("nothing to run: shellq exec SESSION -- CMD")
+    env = dict(_key_value(item) for item in args.env)
+    session = _client().session(args.name)
+    r = session.run(" ".join(command), timeout=args.timeout, env=env or None, cwd=args.cwd)
+    if args.json:
+        print(json.dumps(_json_view(r)))
+    else:
+        os.write(1, r.stdout_bytes)
+        os.write(2, r.stderr_bytes)
+    return _exit_status(r)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise CliError(f"--env wants K=V, got {item!r}")
+    return key, value
+
+
+def _exit_status(r: Result) -> int:
+    if r.status in ("completed", "shell_exited") and r.exit_code is not None:
+        return r.exit_code
+    if r.status == "timeout":
+        return EXIT_TIMEOUT
+    if r.status == "cancelled":
+        return EXIT_CANCELLED
+    print(f"shellq: command {r.id} {r.status}: {r.error or 'no exit status'}", file=sys.stderr)
+    return EXIT_SHELLQ
+
+
+def _json_view(r: Result) -> dict[str, Any]:
+    view = r.model_dump(exclude={"stdout_bytes", "stderr_bytes"})
+    view["stdout_b64"] = base64.b64encode(r.stdout_bytes).decode()
+    view["stderr_b64"] = base64.b64encode(r.stderr_bytes).decode()
+    return view
+
+
+if __name__ == "__main__":
+    sys.exit(main())
