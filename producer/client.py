@@ -241,25 +241,26 @@ class Session:
                 self._check_worker()
 
     def worker_alive(self) -> bool:
-        """Has a worker sent a heartbeat on this session within `no_worker_after` seconds?"""
-        age = self._heartbeat_age()
-        return age is not None and age <= self.client.settings.no_worker_after
+        """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and not stopped?"""
+        age, state = self._heartbeat()
+        return age is not None and age <= self.client.settings.no_worker_after and state != "stopped"
 
-    def _heartbeat_age(self) -> float | None:
-        """FCALL_RO shellq_alive: seconds since the session's last heartbeat, by the server's clock."""
+    def _heartbeat(self) -> tuple[float | None, str | None]:
+        """FCALL_RO shellq_alive: seconds since the last heartbeat (by the server's clock) and the worker's state."""
         self.client.ensure_functions()
         with _redis_errors(self.client.settings.redis_url):
             reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
-        now_ms, beat = reply
-        return None if beat is None else (int(now_ms) - int(beat)) / 1000
+        now_ms, beat, state = reply
+        return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
 
     def _check_worker(self) -> None:
-        """Raise NoWorkerError when the session's heartbeat is missing or too old."""
-        age, limit = self._heartbeat_age(), self.client.settings.no_worker_after
+        """Raise NoWorkerError when the session's heartbeat is missing or too old, or its worker stopped."""
+        age, state = self._heartbeat()
+        limit = self.client.settings.no_worker_after
         if age is None:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
-        if age > limit:
-            raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago (limit {limit:g}s)")
+        if age > limit or state == "stopped":
+            raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago ({state})")
 
 
 def _decode(fields: dict[bytes, bytes]) -> Result:

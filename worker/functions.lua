@@ -42,9 +42,10 @@ local function heartbeat(keys, args)
   return ms
 end
 
--- KEYS: meta   -> {server time ms, last heartbeat ms or false}
+-- KEYS: meta   -> {server time ms, last heartbeat ms or false, worker state or false}
 local function alive(keys, args)
-  return {now_ms(), redis.call('HGET', keys[1], 'heartbeat_ms')}
+  local meta = redis.call('HMGET', keys[1], 'heartbeat_ms', 'state')
+  return {now_ms(), meta[1], meta[2]}
 end
 
 redis.register_function('shellq_submit', submit)

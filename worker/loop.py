@@ -95,7 +95,10 @@ class Worker:
         if self._control:
             self._control.join()
         self.shell.close()
-        self._heartbeat(state="stopped")
+        try:
+            self.redis.hset(self.keys.meta, mapping={"state": "stopped", "current": ""})
+        except redis.RedisError as e:
+            log.warning("could not record the stop: %s", e)
         self.redis.close()
 
     # -- steps ---------------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ class Worker:
             self.redis.xgroup_create(k.cmd, protocol.GROUP, id="0", mkstream=True)
         elif not self._group_exists():
             raise SessionStateLostError(f"{k.cmd} has no consumer group {protocol.GROUP!r} although it was created")
-        self._heartbeat(state="idle")
+        self._heartbeat()
         self._control = threading.Thread(target=self._control_loop, name="shellq-control", daemon=True)
         self._control.start()
         log.info("serving session %s (pid %d, shell epoch %d)", self.settings.session, os.getpid(), self.shell.epoch)
@@ -277,10 +280,10 @@ class Worker:
                 self._running[1].set()
                 self.shell.interrupt()
 
-    def _heartbeat(self, conn: redis.Redis | None = None, state: str | None = None) -> None:
+    def _heartbeat(self, conn: redis.Redis | None = None) -> None:
         running = self._running
         fields = {
-            "state": state or ("running" if running else "idle"),
+            "state": "running" if running else "idle",
             "current": running[0] if running else "",
             "pid": os.getpid(),
             "shell_epoch": self.shell.epoch,
