@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import redis
 from pydantic import Field, ValidationError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from producer.result import Result
 from worker import protocol
@@ -17,8 +20,10 @@ from worker.errors import (
     ConfigError,
     InvalidRequestError,
     NoWorkerError,
+    QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
+    SessionStateLostError,
     ShellqError,
 )
 from worker.protocol import CommandRequest, CommandResult, ControlRequest, EnvSettings
@@ -33,12 +38,16 @@ class ClientSettings(EnvSettings):
 
     redis_url: str = "redis://localhost:6379/0"
     """Redis URL (redis://, rediss://, user:pass@)."""
-    no_worker_after: float = Field(default=5.0, gt=0)
+    no_worker_after: float = Field(default=10.0, gt=0)
     """Seconds without a worker heartbeat after which a wait raises NoWorkerError."""
     default_timeout: float = Field(default=protocol.DEFAULT_TIMEOUT, gt=0)
     """The timeout `run()` waits for when the command names none (the worker applies its own)."""
     journal_ttl: int = Field(default=7 * 86400, ge=1)
     """Seconds a submitted command id stays known (the idempotent-submit window)."""
+    queue_cap: int = Field(default=1000, ge=1)
+    """Unfinished commands a session may hold until its worker has said its own cap."""
+    retry_for: float = Field(default=10.0, ge=0)
+    """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
 
 
 @contextmanager
@@ -59,7 +68,14 @@ class Client:
 
     def __init__(self, url: str | None = None, *, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env(redis_url=url)
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5 + math.ceil(self.settings.retry_for))
+        self.redis = redis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=30,
+            socket_connect_timeout=2,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         self._functions_loaded = False
 
     @classmethod
@@ -191,18 +207,22 @@ class Session:
     def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
         """FCALL shellq_submit, pipelined with a blocking read of the result stream when `read_from` is given."""
         assert req.id is not None
-        args: list[Any] = [self.client.settings.journal_ttl]
+        k, settings = self.keys, self.client.settings
+        args: list[Any] = [settings.journal_ttl, settings.queue_cap, req.id]
         for name, value in protocol.encode(req).items():
             args += [name, value]
         self.client.ensure_functions()
-        with _redis_errors(self.client.settings.redis_url):
+        with _redis_errors(settings.redis_url):
             pipe = self.client.redis.pipeline(transaction=False)
-            pipe.fcall("shellq_submit", 2, self.keys.cmd, self.keys.jrnl(req.id), *args)
+            pipe.fcall("shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq, *args)
             if read_from is not None:
-                pipe.xread({self.keys.res: read_from}, count=_READ_COUNT, block=1000)
+                pipe.xread({k.res: read_from}, count=_READ_COUNT, block=1000)
             replies = pipe.execute()
-        new = bool(replies[0][0])
-        return req.id, new, replies[1] if read_from is not None else None
+        outcome = int(replies[0][0])
+        if outcome < 0:
+            depth, cap = replies[0][1], replies[0][2]
+            raise QueueFullError(f"session {self.id} holds {depth} unfinished commands; its cap is {cap}")
+        return req.id, bool(outcome), replies[1] if read_from is not None else None
 
     def _tail(self) -> str:
         with _redis_errors(self.client.settings.redis_url):
@@ -257,6 +277,8 @@ class Session:
         """Raise NoWorkerError when the session's heartbeat is missing or too old, or its worker stopped."""
         age, state = self._heartbeat()
         limit = self.client.settings.no_worker_after
+        if state == "lost":
+            raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
         if age is None:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
         if age > limit or state == "stopped":

@@ -76,6 +76,7 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     def start(session: str, **settings: Any) -> Worker:
         settings.setdefault("work_dir", tmp_path / f"work-{session}-{len(running)}")
         settings.setdefault("heartbeat", 0.2)
+        settings.setdefault("lease_ttl", 1.5)
         worker = Worker(WorkerSettings(redis_url=redis_server.url, session=session, **settings))
         thread = threading.Thread(target=worker.serve, name=f"worker-{session}", daemon=True)
         thread.start()
@@ -96,7 +97,8 @@ def worker_process(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callab
 
     def start(session: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         full_env = {**os.environ, "SHELLQ_REDIS_URL": redis_server.url, "SHELLQ_SESSION": session}
-        full_env.update({"SHELLQ_HEARTBEAT": "0.2", "SHELLQ_WORK_DIR": str(tmp_path / f"work-{session}")})
+        full_env.update({"SHELLQ_HEARTBEAT": "0.2", "SHELLQ_LEASE_TTL": "1.5"})
+        full_env.setdefault("SHELLQ_WORK_DIR", str(tmp_path / f"work-{session}"))
         full_env.update(env or {})
         with open(tmp_path / f"worker-{session}-{len(procs)}.log", "wb") as log:
             proc = subprocess.Popen(

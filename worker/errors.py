@@ -37,6 +37,10 @@ class SessionStateLostError(ShellqError):
     """The session's stream or consumer group is gone although the session was started: Redis lost its data."""
 
 
+class FencedError(ShellqError):
+    """This worker's lease on the session expired and another worker holds it: it may no longer take or commit."""
+
+
 class NoWorkerError(ShellqError):
     """No worker has a live heartbeat on the session, so a result would never come."""
 

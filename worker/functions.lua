@@ -1,45 +1,80 @@
 #!lua name=shellq
--- shellq's atomic steps (DESIGN.md "Guarantees"). Each checks before it writes, so a replay changes nothing.
-
--- Accept a command unless its id was accepted before.
--- KEYS: cmd, jrnl:<id>   ARGV: journal ttl, field, value, ...   -> {1, entry id} new | {0, entry id} known
-local function submit(keys, args)
-  local known = redis.call('HGET', keys[2], 'entry')
-  if known then return {0, known} end
-  local eid = redis.call('XADD', keys[1], '*', unpack(args, 2))
-  redis.call('HSET', keys[2], 'entry', eid)
-  redis.call('EXPIRE', keys[2], args[1])
-  return {1, eid}
-end
-
--- Publish a command's one result, record it in the journal and acknowledge the command entry.
--- KEYS: res, jrnl:<id>, cmd   ARGV: group, entry id, journal ttl, results maxlen, field, value, ...
--- -> {1, result id} published | {0, result id} published before (only acknowledged now)
-local function commit(keys, args)
-  local rid = redis.call('HGET', keys[2], 'res')
-  local new = 0
-  if not rid then
-    rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[4], '*', unpack(args, 5))
-    redis.call('HSET', keys[2], 'res', rid)
-    redis.call('HSETNX', keys[2], 'entry', args[2])
-    redis.call('EXPIRE', keys[2], args[3])
-    new = 1
-  end
-  redis.call('XACK', keys[3], args[1], args[2])
-  return {new, rid}
-end
+-- shellq's atomic steps (DESIGN.md "Guarantees"). Each checks before it writes, so a replay changes nothing, and
+-- every step of a worker is fenced by its lease token: a worker that lost its lease can neither take nor commit.
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The worker's heartbeat, stamped with the server's clock so no two clocks are compared.
--- KEYS: meta   ARGV: field, value, ...   -> the heartbeat time in ms
+local function holds_lease(lease_key, token)
+  return redis.call('GET', lease_key) == token
+end
+
+-- Accept a command unless its id was accepted before or the session's queue is full.
+-- KEYS: cmd, jrnl:<id>, meta, seq   ARGV: journal ttl, default queue cap, command id, field, value, ...
+-- -> {1, entry id} new | {0, entry id} known | {-1, depth, cap} queue full
+local function submit(keys, args)
+  local known = redis.call('HGET', keys[2], 'entry')
+  if known then return {0, known} end
+  local cap = tonumber(redis.call('HGET', keys[3], 'queue_cap') or args[2])
+  local depth = tonumber(redis.call('GET', keys[4]) or 0) - tonumber(redis.call('HGET', keys[3], 'settled') or 0)
+  if depth >= cap then return {-1, depth, cap} end
+  local eid = redis.call('XADD', keys[1], '*', unpack(args, 4))
+  redis.call('INCR', keys[4])
+  redis.call('HSET', keys[2], 'entry', eid)
+  redis.call('EXPIRE', keys[2], args[1])
+  -- shellq:{S}:jrnl:<entry id> -> command id: a worker can name the command of an entry trimmed before it ran
+  local by_entry = string.sub(keys[2], 1, #keys[2] - #args[3]) .. eid
+  redis.call('SET', by_entry, args[3], 'EX', args[1])
+  return {1, eid}
+end
+
+-- Take the next new command for the lease holder (XREADGROUP ... COUNT 1 >, never blocking).
+-- KEYS: cmd, lease   ARGV: token, group, consumer   -> the XREADGROUP reply, or nil
+local function take(keys, args)
+  if not holds_lease(keys[2], args[1]) then return redis.error_reply('FENCED lease lost') end
+  return redis.call('XREADGROUP', 'GROUP', args[2], args[3], 'COUNT', 1, 'STREAMS', keys[1], '>')
+end
+
+-- Publish a command's one result, record it in the journal and acknowledge the command entry.
+-- KEYS: res, jrnl:<id>, cmd, lease, meta   ARGV: token, group, entry id, journal ttl, results maxlen, field, value, ...
+-- -> {1, result id} published | {0, result id} published before (only acknowledged now)
+local function commit(keys, args)
+  if not holds_lease(keys[4], args[1]) then return redis.error_reply('FENCED lease lost') end
+  local rid = redis.call('HGET', keys[2], 'res')
+  local new = 0
+  if not rid then
+    rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 6))
+    if redis.call('HEXISTS', keys[2], 'entry') == 1 then redis.call('HINCRBY', keys[5], 'settled', 1) end
+    redis.call('HSET', keys[2], 'res', rid)
+    redis.call('HSETNX', keys[2], 'entry', args[3])
+    redis.call('EXPIRE', keys[2], args[4])
+    new = 1
+  end
+  redis.pcall('XACK', keys[3], args[2], args[3])  -- the group may be gone (Redis came back empty)
+  return {new, rid}
+end
+
+-- Take or keep the session's lease. A new holder bumps the fencing epoch.
+-- KEYS: lease, meta   ARGV: token, ttl ms   -> {1, epoch} held | {0, ms until the current holder's lease expires}
+local function acquire(keys, args)
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then return {0, redis.call('PTTL', keys[1])} end
+  redis.call('SET', keys[1], args[1], 'PX', args[2])
+  if not holder then
+    return {1, redis.call('HINCRBY', keys[2], 'fence', 1)}
+  end
+  return {1, tonumber(redis.call('HGET', keys[2], 'fence') or 0)}
+end
+
+-- Renew the lease and beat the heartbeat, stamped with the server's clock so no two clocks are compared.
+-- KEYS: lease, meta   ARGV: token, ttl ms, field, value, ...   -> 1 renewed | 0 the lease is someone else's
 local function heartbeat(keys, args)
-  local ms = now_ms()
-  redis.call('HSET', keys[1], 'heartbeat_ms', ms, unpack(args))
-  return ms
+  if not holds_lease(keys[1], args[1]) then return 0 end
+  redis.call('PEXPIRE', keys[1], args[2])
+  redis.call('HSET', keys[2], 'heartbeat_ms', now_ms(), unpack(args, 3))
+  return 1
 end
 
 -- KEYS: meta   -> {server time ms, last heartbeat ms or false, worker state or false}
@@ -49,6 +84,8 @@ local function alive(keys, args)
 end
 
 redis.register_function('shellq_submit', submit)
+redis.register_function('shellq_take', take)
 redis.register_function('shellq_commit', commit)
+redis.register_function('shellq_acquire', acquire)
 redis.register_function('shellq_heartbeat', heartbeat)
 redis.register_function{function_name = 'shellq_alive', callback = alive, flags = {'no-writes'}}

@@ -1,43 +1,41 @@
-"""The worker: consume one session's command stream in order, run each command in the shell, commit one result.
+"""The worker: serve one session's commands in order, run each in the shell, commit exactly one result each.
 
-    start: connect, load the functions, create the consumer group (or find it lost), start the control thread
-    loop:  read the next entry (own pending entries first) -> check it -> run it -> commit + ack (one FCALL)
-    stop:  on a stop request or SIGTERM, let the running command finish within the grace, else stop it and commit
-           `interrupted`; then exit 0
+    start:   load the functions, check durability, wait for the session's lease, create the consumer group (or
+             find the session's state lost), start the control thread, settle what a predecessor left pending
+    loop:    take the next command (fenced by the lease) -> check it -> run it -> commit result + journal + ack
+    faults:  Redis unreachable -> back off and reconnect, then re-check the session and the lease; a lost lease ->
+             stop at once; SIGTERM -> let the running command finish within the grace, else stop it (`interrupted`)
 
-Exit codes: 0 stopped; 2 bad configuration; 3 session state lost (Redis came back without the consumer group);
-4 Redis unreachable.
+Exit codes: 0 stopped; 2 bad configuration; 3 session state lost; 4 Redis unreachable at start; 5 lease lost.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from worker import protocol
-from worker.errors import SessionStateLostError
-from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError
+from worker import procs, protocol
+from worker.control import Control
+from worker.errors import FencedError, SessionStateLostError
+from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings
 from worker.shell import Shell, ShellResult
+from worker.store import Entry, SessionStore, check_durability
 
 log = logging.getLogger("shellq.worker")
 
-EXIT_OK, EXIT_CONFIG, EXIT_STATE_LOST, EXIT_REDIS = 0, 2, 3, 4
-CONSUMER = "worker"
-Entry = tuple[str, dict[bytes, bytes] | None]
-
-
-def connect(url: str, password_file: Any = None, **options: Any) -> redis.Redis:
-    """A Redis client for `url`; the password, if any, comes from `password_file`."""
-    if password_file:
-        with open(password_file) as f:
-            options["password"] = f.read().strip()
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, **options)
+EXIT_OK, EXIT_CONFIG, EXIT_STATE_LOST, EXIT_REDIS, EXIT_FENCED = 0, 2, 3, 4, 5
+POISON_AFTER = 2
+"""An idempotent command is started at most this many times; one that killed the worker each time is poison."""
+HOST = f"{socket.gethostname()}/{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}"
 
 
 class Worker:
@@ -45,138 +43,210 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, shell: Shell | None = None) -> None:
         self.settings = settings
-        self.keys = protocol.keys(settings.session)
-        self.redis = connect(settings.redis_url, settings.redis_password_file)
+        self.store = SessionStore(settings)
+        self.work_dir = settings.work_dir or Path(f"/tmp/shellq-{settings.session}")
         self.shell = shell or Shell(
-            work_dir=settings.work_dir,
+            work_dir=self.work_dir,
             output_cap=settings.output_cap,
             spool_quota=settings.spool_quota,
             kill_grace=settings.kill_grace,
             reap_orphans=True,
         )
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
+        self.running: tuple[str, threading.Event] | None = None
         self._lock = threading.Lock()
-        self._running: tuple[str, threading.Event] | None = None
         self._cancelled: set[str] = set()
         self._terminated = False
-        self._control: threading.Thread | None = None
+        self._started: dict[str, None] = {}  # entry ids this process started, newest last (bounded)
+        self._backlog: list[Entry] = []
+        self._last = "0-0"
+        self._taken = 0
+        self._lease_fresh_until = 0.0
+        self._control: Control | None = None
 
     def serve(self, max_commands: int | None = None) -> int:
         """Run the loop; returns the process exit code."""
         done = 0
         try:
             self._start()
-            self._recover()
-            entry: Entry | None = None
-            while entry or (not self._stopping.is_set() and (max_commands is None or done < max_commands)):
-                if entry is None:
-                    entry = self._read()
-                    continue
-                more = not self._stopping.is_set() and (max_commands is None or done + 1 < max_commands)
-                entry = self._commit(entry, self._handle(entry), read_next=more)
-                done += 1
+            while not self.stopping.is_set() and (max_commands is None or done < max_commands):
+                try:
+                    entry = self._next()
+                    if entry:
+                        self._process(entry)
+                        done += 1
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    self._reconnect(e)
         except SessionStateLostError as e:
             log.error("session state lost: %s", e)
+            self._record_loss(str(e))
             return EXIT_STATE_LOST
+        except FencedError as e:
+            log.error("%s", e)
+            return EXIT_FENCED
         finally:
             self.close()
         return EXIT_OK
 
     def stop(self, grace: float | None = None) -> None:
         """Stop after the running command; if it is still running after `grace` seconds, stop it (`interrupted`)."""
-        self._stopping.set()
+        self.stopping.set()
         grace = self.settings.shutdown_grace if grace is None else grace
         timer = threading.Timer(grace, self._terminate)
         timer.daemon = True
         timer.start()
 
+    def interrupt(self, command_id: str) -> None:
+        """Cancel a command: the running one is stopped; a queued one will be answered without running."""
+        with self._lock:
+            if self.running and self.running[0] == command_id:
+                self.running[1].set()
+                self.shell.interrupt()
+            else:
+                self._cancelled.add(command_id)
+
     def close(self) -> None:
-        self._stopping.set()
+        self.stopping.set()
         if self._control:
             self._control.join()
         self.shell.close()
         try:
-            self.redis.hset(self.keys.meta, mapping={"state": "stopped", "current": ""})
+            self.store.redis.hset(self.store.keys.meta, mapping={"state": "stopped", "current": ""})
         except redis.RedisError as e:
             log.warning("could not record the stop: %s", e)
-        self.redis.close()
+        self.store.redis.close()
 
-    # -- steps ---------------------------------------------------------------------------------------------------
+    # -- start and recovery ----------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        protocol.load_functions(self.redis)
-        k = self.keys
-        if self.redis.hsetnx(k.meta, "group_created_ms", int(time.time() * 1000)):
-            self.redis.xgroup_create(k.cmd, protocol.GROUP, id="0", mkstream=True)
-        elif not self._group_exists():
-            raise SessionStateLostError(f"{k.cmd} has no consumer group {protocol.GROUP!r} although it was created")
-        self._heartbeat()
-        self._control = threading.Thread(target=self._control_loop, name="shellq-control", daemon=True)
+        protocol.load_functions(self.store.redis)
+        check_durability(self.store)
+        self._wait_for_lease()
+        self.store.open_session(self.work_dir / ".shellq-session")
+        self.renewed(self.store.beat(self.heartbeat_fields()))
+        self._control = Control(self)
         self._control.start()
-        log.info("serving session %s (pid %d, shell epoch %d)", self.settings.session, os.getpid(), self.shell.epoch)
+        self._recover()
+        self._last = self.store.last_delivered()
+        log.info("serving session %s (pid %d, lease epoch %d)", self.settings.session, os.getpid(), self.store.epoch)
 
-    def _group_exists(self) -> bool:
-        try:
-            groups = self.redis.xinfo_groups(self.keys.cmd)
-        except redis.ResponseError:
-            return False
-        return any(g["name"] in (protocol.GROUP, protocol.GROUP.encode()) for g in groups)
+    def _wait_for_lease(self) -> None:
+        said = False
+        while self.store.acquire() is None:
+            if not said:
+                log.info("session %s is served by another worker; waiting for its lease", self.settings.session)
+                said = True
+            if self.stopping.wait(min(0.5, self.settings.lease_ttl / 4)):
+                raise FencedError("stopped while waiting for the lease")
+        self._kill_predecessor()
+
+    def _kill_predecessor(self) -> None:
+        """A predecessor on this machine that lost the lease (paused, say) must not go on running its command."""
+        meta = self.store.redis.hmget(self.store.keys.meta, "host", "pid", "shell_pid")
+        host, pid, shell_pid = (v.decode() if v else None for v in meta)  # type: ignore[union-attr]
+        if host == HOST and shell_pid and pid != str(os.getpid()):
+            killed = procs.kill_session(int(shell_pid))
+            if killed:
+                log.warning("killed %d processes of the previous worker's shell (pid %s)", killed, pid)
 
     def _recover(self) -> None:
-        """Settle entries this session's worker took but never committed: they were started, so they are not run
-        again; each gets one `interrupted` result (or `lost` if the entry is gone)."""
-        pending = self._xreadgroup("0", block=None)
-        for entry_id, fields in pending:
-            self._commit((entry_id, fields), self._unfinished(entry_id, fields), read_next=False)
+        """Settle what was taken but never committed: entries a worker started count as started. Each gets one
+        result: the one already committed (acked only), `interrupted`, a second run when submitted idempotent,
+        `rejected` as poison after that, or `lost` when the entry itself is gone."""
+        entries, deleted = self.store.pending()
+        for entry_id in deleted:
+            cid = self.store.command_id_of(entry_id)
+            self.store.commit(entry_id, _result(cid, entry_id, "lost", "the entry was deleted before it ran"))
+        for entry in sorted(entries, key=lambda e: protocol.entry_key(e[0])):
+            self._settle(entry)
 
-    def _read(self) -> Entry | None:
-        entries = self._xreadgroup(">", block=self.settings.block_ms)
-        return entries[0] if entries else None
+    def _settle(self, entry: Entry) -> None:
+        entry_id, fields = entry
+        if fields is None:
+            cid = self.store.command_id_of(entry_id)
+            self.store.commit(entry_id, _result(cid, entry_id, "lost", "the entry was trimmed before it ran"))
+            return
+        cid = protocol.command_id(entry_id, fields)
+        if self.store.redis.hexists(self.store.keys.jrnl(cid), "res"):
+            self.store.commit(entry_id, _result(cid, entry_id, "interrupted", ""))  # only acknowledges
+            return
+        idempotent = fields.get(b"idempotent") in (b"1", b"true")
+        if idempotent and self.store.attempt(cid) <= POISON_AFTER:
+            log.info("command %s was running when its worker died; it is idempotent: running it again", cid)
+            self._process(entry, counted=True)
+            return
+        status: protocol.Status = "rejected" if idempotent else "interrupted"
+        error = (
+            f"poison: the worker died each of the {POISON_AFTER} times this command ran"
+            if idempotent
+            else "the worker died while the command ran; its outcome is unknown"
+        )
+        self.store.commit(entry_id, _result(cid, entry_id, status, error, self.shell.epoch))
 
-    def _xreadgroup(self, start: str, block: int | None) -> list[Entry]:
-        try:
-            reply: Any = self.redis.xreadgroup(
-                protocol.GROUP, CONSUMER, {self.keys.cmd: start}, count=None if start == "0" else 1, block=block
-            )
-        except redis.ResponseError as e:
-            if "NOGROUP" in str(e):
-                raise SessionStateLostError(str(e)) from None
-            raise
-        return [(eid.decode(), fields or None) for _, entries in reply for eid, fields in entries]
+    # -- the loop ------------------------------------------------------------------------------------------------
 
-    def _handle(self, entry: Entry) -> CommandResult:
+    def _next(self) -> Entry | None:
+        """The next command: one recovered after a reconnect, else FCALL shellq_take, else wait for one."""
+        if self._backlog:
+            return self._backlog.pop(0)
+        if time.monotonic() > self._lease_fresh_until and not self.store.beat(self.heartbeat_fields()):
+            raise FencedError("this worker's lease was taken over; it stops")
+        entry = self.store.take()
+        if entry:
+            self._last = entry[0]
+            return entry
+        self.store.wait_new(self._last, self.settings.block_ms)
+        return None
+
+    def _process(self, entry: Entry, counted: bool = False) -> None:
+        self._taken += 1
+        self._started[entry[0]] = None
+        if len(self._started) > 1000:
+            del self._started[next(iter(self._started))]
+        self._fault("taken")
+        result = self._handle(entry, counted)
+        self._fault("ran")
+        while True:
+            try:
+                self.store.commit(entry[0], result)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._reconnect(e)
+        if result.status != "completed":
+            log.info("command %s: %s %s", result.id, result.status, result.error or "")
+        self._fault("committed")
+
+    def _handle(self, entry: Entry, counted: bool) -> CommandResult:
         """Check the entry and run it; every outcome is a result."""
         entry_id, fields = entry
         if fields is None:
-            return _result(entry_id, entry_id, "lost", error="the command entry was trimmed or deleted before it ran")
-        cid = _command_id(entry_id, fields)
+            return _result(entry_id, entry_id, "lost", "the command entry was trimmed or deleted before it ran")
+        cid = protocol.command_id(entry_id, fields)
         if protocol.entry_size(fields) > protocol.MAX_ENTRY_BYTES:
-            return _result(cid, entry_id, "rejected", error=f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
+            return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
         try:
             req = protocol.decode(CommandRequest, fields)
         except DecodeError as e:
-            return _result(cid, entry_id, "rejected", error=f"malformed command entry: {e}")
+            return _result(cid, entry_id, "rejected", f"malformed command entry: {e}")
         timeout = req.timeout or self.settings.default_timeout
         if timeout > self.settings.max_timeout:
-            return _result(
-                cid,
-                entry_id,
-                "rejected",
-                error=f"timeout {timeout:g}s exceeds the maximum {self.settings.max_timeout:g}s",
-            )
+            limit = self.settings.max_timeout
+            return _result(cid, entry_id, "rejected", f"timeout {timeout:g}s exceeds the maximum {limit:g}s")
+        if req.idempotent and not counted:
+            self.store.attempt(cid)
         return self._execute(cid, entry_id, req, timeout)
 
     def _execute(self, cid: str, entry_id: str, req: CommandRequest, timeout: float) -> CommandResult:
         cancel = threading.Event()
         with self._lock:
             if cid in self._cancelled:
-                return _result(cid, entry_id, "cancelled", error="interrupted before it started")
-            self._running = (cid, cancel)
+                return _result(cid, entry_id, "cancelled", "interrupted before it started")
+            self.running = (cid, cancel)
         try:
             r = self.shell.run(req.cmd, timeout=timeout, env=req.env, cwd=req.cwd, spool_name=cid, cancel=cancel)
         finally:
             with self._lock:
-                self._running = None
+                self.running = None
         return self._from_shell(cid, entry_id, r)
 
     def _from_shell(self, cid: str, entry_id: str, r: ShellResult) -> CommandResult:
@@ -201,107 +271,74 @@ class Worker:
             error=error,
         )
 
-    def _unfinished(self, entry_id: str, fields: dict[bytes, bytes] | None) -> CommandResult:
-        if fields is None:
-            return _result(entry_id, entry_id, "lost", error="the command entry was trimmed or deleted before it ran")
-        return _result(
-            _command_id(entry_id, fields),
-            entry_id,
-            "interrupted",
-            error="the worker stopped while the command ran; its outcome is unknown",
-            shell_epoch=self.shell.epoch,
-        )
+    # -- faults ----------------------------------------------------------------------------------------------------
 
-    def _commit(self, entry: Entry, result: CommandResult, read_next: bool) -> Entry | None:
-        """FCALL shellq_commit (result + journal + XACK in one step), pipelined with the next XREADGROUP."""
-        k, s = self.keys, self.settings
-        args: list[Any] = [protocol.GROUP, entry[0], s.journal_ttl, s.results_maxlen]
-        for name, value in protocol.encode(result).items():
-            args += [name, value]
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.fcall("shellq_commit", 3, k.res, k.jrnl(result.id), k.cmd, *args)
-        if read_next:
-            pipe.xreadgroup(protocol.GROUP, CONSUMER, {k.cmd: ">"}, count=1, block=s.block_ms)
+    def _reconnect(self, error: Exception) -> None:
+        """Wait for Redis with backoff (one log line when it goes, one when it is back), then make sure the
+        session and the lease are still there, and pick up a command whose take reply was lost on the way."""
+        log.warning("Redis unreachable (%s); retrying", error)
+        went, delay = time.monotonic(), 0.05
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            try:
+                self.store.redis.ping()
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+        log.info("Redis is back after %.1fs", time.monotonic() - went)
+        self.store.check_session()
+        if self.store.acquire() is None:
+            raise FencedError("the lease was taken over while Redis was unreachable; this worker stops")
+        entries, _ = self.store.pending()
+        self._backlog = [
+            e for e in sorted(entries, key=lambda e: protocol.entry_key(e[0])) if e[0] not in self._started
+        ]
+        self._last = self.store.last_delivered()
+
+    def _record_loss(self, reason: str) -> None:
         try:
-            replies = pipe.execute()
-        except redis.ResponseError as e:
-            if "NOGROUP" in str(e):
-                raise SessionStateLostError(str(e)) from None
-            raise
-        if result.status not in ("completed",):
-            log.info("command %s: %s %s", result.id, result.status, result.error or "")
-        if not read_next or not replies[1]:
-            return None
-        eid, fields = replies[1][0][1][0]
-        return eid.decode(), fields or None
-
-    # -- control and heartbeat (own thread, own connection) ------------------------------------------------------
-
-    def _control_loop(self) -> None:
-        conn = connect(self.settings.redis_url, self.settings.redis_password_file)
-        last = "0"  # read the whole (capped) control history: interrupts of queued commands count
-        seconds, micros = conn.time()
-        started = seconds * 1000 + micros // 1000
-        block = max(1, int(self.settings.heartbeat * 1000))
-        try:
-            while not self._stopping.is_set() or self._running:
-                self._heartbeat(conn=conn)
-                reply: Any = conn.xread({self.keys.ctl: last}, block=block)
-                for _, entries in reply or []:
-                    for eid, fields in entries:
-                        last = eid.decode()
-                        self._on_control(fields, fresh=int(last.split("-")[0]) >= started)
+            answered = self.store.mark_lost(reason)
+            log.error("answered %d queued commands 'unavailable'", answered)
         except redis.RedisError as e:
-            log.warning("control thread: %s", e)
-        finally:
-            conn.close()
+            log.warning("could not record the loss: %s", e)
 
-    def _on_control(self, fields: dict[bytes, bytes], fresh: bool) -> None:
-        try:
-            msg = protocol.decode(ControlRequest, fields)
-        except DecodeError as e:
-            log.warning("ignored control message: %s", e)
-            return
-        if msg.op == "shutdown" and fresh:
-            log.info("shutdown requested on the control stream")
-            self.stop()
-        elif msg.op == "interrupt" and msg.id:
-            with self._lock:
-                if self._running and self._running[0] == msg.id:
-                    self._running[1].set()
-                    self.shell.interrupt()
-                else:
-                    self._cancelled.add(msg.id)
+    def _fault(self, step: str) -> None:
+        if self.settings.fault == step and self._taken == self.settings.fault_after:
+            log.warning("fault injection: killing the worker at step %r", step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _terminate(self) -> None:
         with self._lock:
-            if self._running:
+            if self.running:
                 self._terminated = True
-                self._running[1].set()
+                self.running[1].set()
                 self.shell.interrupt()
 
-    def _heartbeat(self, conn: redis.Redis | None = None) -> None:
-        running = self._running
-        fields = {
+    # -- for the control thread ------------------------------------------------------------------------------------
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        running = self.running
+        return {
             "state": "running" if running else "idle",
             "current": running[0] if running else "",
             "pid": os.getpid(),
+            "host": HOST,
+            "shell_pid": self.shell.pid,
             "shell_epoch": self.shell.epoch,
+            "queue_cap": self.settings.queue_cap,
         }
-        args = [x for kv in fields.items() for x in kv]
-        try:
-            (conn or self.redis).fcall("shellq_heartbeat", 1, self.keys.meta, *args)
-        except redis.RedisError as e:
-            log.warning("heartbeat failed: %s", e)
 
-
-def _command_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
-    raw = fields.get(b"id")
-    if raw is None:
-        return entry_id
-    text = raw.decode(errors="replace")
-    return text if protocol.ID_PATTERN.match(text) and not protocol.is_entry_id(text) else entry_id
+    def renewed(self, ok: bool) -> None:
+        """The lease was renewed (or found lost: then stop at once, killing the running command)."""
+        if ok:
+            self._lease_fresh_until = time.monotonic() + self.settings.lease_ttl / 2
+            return
+        log.error("lost the lease of session %s to another worker; stopping", self.settings.session)
+        self._lease_fresh_until = 0.0
+        self.stopping.set()
+        self._terminate()
 
 
 def _result(cid: str, entry_id: str, status: protocol.Status, error: str, shell_epoch: int = 0) -> CommandResult:
-    return CommandResult(id=cid, entry_id=entry_id, status=status, error=error, shell_epoch=shell_epoch)
+    return CommandResult(id=cid, entry_id=entry_id, status=status, error=error or None, shell_epoch=shell_epoch)

@@ -93,6 +93,13 @@ def adopted(since: int | None, exclude: Iterable[int]) -> list[int]:
     return [p.pid for p in procs if p.state != "Z" and (p.pid in orphans or p.sid in orphans)]
 
 
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of session `sid` (a shell left by a worker that lost its lease); how many."""
+    pids = [p.pid for p in all_procs() if p.sid == sid and p.state != "Z"]
+    signal_all(pids, signal.SIGKILL)
+    return len(pids)
+
+
 def terminate(find: Callable[[], list[int]], grace: float) -> None:
     """SIGTERM what `find` returns, wait up to `grace` seconds for it to go, then SIGKILL what is left."""
     deadline = time.monotonic() + grace

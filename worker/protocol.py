@@ -55,6 +55,21 @@ def is_entry_id(value: str | bytes) -> bool:
     return bool(_ENTRY_ID.match(value.encode() if isinstance(value, str) else value))
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """Sort key of a stream entry id (`ms-seq`)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def command_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
+    """The id a command entry answers to: its client `id` when that is valid, else its entry id."""
+    raw = fields.get(b"id")
+    if raw is None:
+        return entry_id
+    text = raw.decode(errors="replace")
+    return text if ID_PATTERN.match(text) and not is_entry_id(text) else entry_id
+
+
 class Keys(NamedTuple):
     """The Redis keys of one session; all carry the hash tag `{S}` so they live on one cluster shard."""
 
@@ -246,7 +261,8 @@ ENV_NAMES = frozenset(
     for name in [
         *("REDIS_URL", "SESSION", "REDIS_PASSWORD_FILE", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "HEARTBEAT"),
         *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
-        *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME"),
+        *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME", "LEASE_TTL", "QUEUE_CAP", "RESULTS_MAX_AGE"),
+        *("JANITOR_EVERY", "REQUIRE_DURABLE", "FAULT", "FAULT_AFTER", "RETRY_FOR"),
     ]
 )
 """Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -41,3 +42,17 @@ class WorkerSettings(EnvSettings):
     """Seconds a command's journal entry (its idempotency record) is kept."""
     block_ms: int = Field(default=1000, ge=1)
     """Longest single wait for a new command; bounds how late a stop request is noticed."""
+    lease_ttl: float = Field(default=5.0, gt=0)
+    """Seconds a worker's lease lasts without renewal; a successor takes over this long after a worker dies."""
+    queue_cap: int = Field(default=1000, ge=1)
+    """Unfinished commands a session may hold; a submit beyond raises QueueFullError."""
+    results_max_age: float = Field(default=7 * 86400.0, gt=0)
+    """Seconds results (and the commands before them) are kept."""
+    janitor_every: float = Field(default=60.0, gt=0)
+    """Seconds between retention passes."""
+    require_durable: bool = False
+    """Refuse to start when Redis has no AOF or may evict keys (instead of a loud warning)."""
+    fault: Literal["taken", "ran", "committed"] | None = None
+    """Testing only: SIGKILL the worker at this step of the `fault_after`-th command."""
+    fault_after: int = Field(default=1, ge=1)
+    """Testing only: which command (1-based) triggers `fault`."""

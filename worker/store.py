@@ -1,0 +1,214 @@
+"""The worker's side of a session in Redis: the lease, taking and committing commands, recovery reads, the
+session's state, durability checks and retention. Every method is one or two round trips, named by its command."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker import protocol
+from worker.errors import ConfigError, FencedError, SessionStateLostError
+from worker.protocol import CommandResult
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("shellq.worker")
+
+CONSUMER = "worker"
+"""One consumer name for every worker of a session: the lease, not the group, decides who works."""
+Entry = tuple[str, dict[bytes, bytes] | None]
+
+
+def connect(url: str, password_file: Path | None = None) -> redis.Redis:
+    """A Redis client for `url`; the password, if any, comes from `password_file`."""
+    options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 10}
+    if password_file:
+        options["password"] = password_file.read_text().strip()
+    return redis.Redis.from_url(url, **options)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """Stream entries from an XREAD-style reply, parsed by redis-py or raw from a function (flat field lists)."""
+    out: list[Entry] = []
+    for _, entries in reply or []:
+        for eid, fields in entries:
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            out.append((eid.decode(), fields or None))
+    return out
+
+
+class SessionStore:
+    """Redis operations of one worker on one session, all fenced by the worker's lease token."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.keys = protocol.keys(settings.session)
+        self.redis = connect(settings.redis_url, settings.redis_password_file)
+        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.epoch = 0
+        self._ttl_ms = int(settings.lease_ttl * 1000)
+
+    # -- lease ---------------------------------------------------------------------------------------------------
+
+    def acquire(self) -> int | None:
+        """FCALL shellq_acquire: the fencing epoch if this worker holds the lease now, else None."""
+        reply: Any = self.redis.fcall("shellq_acquire", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms)
+        held, value = reply
+        if not held:
+            return None
+        self.epoch = int(value)
+        return self.epoch
+
+    def beat(self, fields: dict[str, Any]) -> bool:
+        """FCALL shellq_heartbeat: renew the lease and stamp the heartbeat; False when the lease is someone else's."""
+        args = [x for kv in fields.items() for x in kv]
+        return bool(
+            self.redis.fcall("shellq_heartbeat", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms, *args)
+        )
+
+    # -- session state -------------------------------------------------------------------------------------------
+
+    def open_session(self, marker: Path) -> None:
+        """Create the consumer group at 0 the first time (noting it in meta and in `marker`, a file in the session
+        directory); afterwards a missing group or meta means Redis lost the session's state: never re-create it."""
+        created = self.redis.hget(self.keys.meta, "group_created_ms")
+        if created is None and not marker.exists():
+            self.redis.hset(self.keys.meta, "group_created_ms", int(time.time() * 1000))
+            try:
+                self.redis.xgroup_create(self.keys.cmd, protocol.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(self.settings.session)
+            return
+        self.check_session()
+
+    def check_session(self) -> None:
+        """Raise SessionStateLostError unless the session's meta and consumer group exist (XINFO GROUPS)."""
+        if self.redis.hget(self.keys.meta, "group_created_ms") is None:
+            raise SessionStateLostError(
+                f"session {self.settings.session}: Redis has no record of it (came back empty?)"
+            )
+        try:
+            groups: Any = self.redis.xinfo_groups(self.keys.cmd)
+        except redis.ResponseError:
+            groups = []
+        if not any(g["name"] in (protocol.GROUP, protocol.GROUP.encode()) for g in groups):
+            raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group {protocol.GROUP!r}")
+
+    def mark_lost(self, reason: str) -> int:
+        """Record the loss in meta and answer every command now on the stream `unavailable`; returns how many."""
+        self.redis.hset(self.keys.meta, mapping={"state": "lost", "error": reason})
+        if self.acquire() is None:
+            return 0
+        answered = 0
+        for entry_id, fields in _entries([(None, self.redis.xrange(self.keys.cmd))]):
+            cid = protocol.command_id(entry_id, fields or {})
+            result = CommandResult(
+                id=cid, entry_id=entry_id, status="unavailable", error=f"session state lost: {reason}"
+            )
+            answered += self.commit(entry_id, result)
+        return answered
+
+    def durability_problems(self) -> list[str]:
+        """What makes this Redis lose accepted commands or results (INFO persistence, INFO memory)."""
+        problems = []
+        info: Any = self.redis.info("persistence")
+        if not int(info.get("aof_enabled", 0)):
+            problems.append("AOF is off: a Redis crash loses accepted commands and results")
+        policy = str(self.redis.info("memory").get("maxmemory_policy", "noeviction"))
+        if policy != "noeviction":
+            problems.append(f"maxmemory-policy is {policy}: Redis may evict a session's streams")
+        return problems
+
+    # -- commands ------------------------------------------------------------------------------------------------
+
+    def take(self) -> Entry | None:
+        """FCALL shellq_take: the next new command, delivered to this worker (it counts as started from now)."""
+        try:
+            reply = self.redis.fcall(
+                "shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER
+            )
+        except redis.ResponseError as e:
+            raise _fenced_or(e) from None
+        entries = _entries(reply)
+        return entries[0] if entries else None
+
+    def wait_new(self, after: str, block_ms: int) -> None:
+        """XREAD BLOCK on the command stream until an entry newer than `after` exists (or the block ends)."""
+        self.redis.xread({self.keys.cmd: after}, count=1, block=block_ms)
+
+    def last_delivered(self) -> str:
+        groups: Any = self.redis.xinfo_groups(self.keys.cmd)
+        for g in groups:
+            if g["name"] in (protocol.GROUP, protocol.GROUP.encode()):
+                value = g["last-delivered-id"]
+                return value.decode() if isinstance(value, bytes) else str(value)
+        raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group")
+
+    def pending(self) -> tuple[list[Entry], list[str]]:
+        """Every entry delivered but not acknowledged, oldest first, claimed to this worker (XAUTOCLAIM, then
+        XREADGROUP 0); and the ids of pending entries whose payload was trimmed or deleted."""
+        deleted: list[str] = []
+        cursor = "0-0"
+        while True:
+            reply: Any = self.redis.xautoclaim(self.keys.cmd, protocol.GROUP, CONSUMER, 0, cursor, count=100)
+            cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            deleted += [d.decode() if isinstance(d, bytes) else d for d in (reply[2] if len(reply) > 2 else [])]
+            if cursor == "0-0":
+                break
+        own: Any = self.redis.xreadgroup(protocol.GROUP, CONSUMER, {self.keys.cmd: "0"})
+        return _entries(own), deleted
+
+    def attempt(self, command_id: str) -> int:
+        """HINCRBY jrnl:<id> attempts: how many times this command has now been started (for idempotent ones)."""
+        return int(self.redis.hincrby(self.keys.jrnl(command_id), "attempts", 1))
+
+    def command_id_of(self, entry_id: str) -> str:
+        """The command id an entry was submitted with (GET jrnl:<entry id>), else the entry id itself."""
+        raw: Any = self.redis.get(self.keys.jrnl(entry_id))
+        return raw.decode() if raw else entry_id
+
+    def commit(self, entry_id: str, result: CommandResult) -> bool:
+        """FCALL shellq_commit: result + journal + XACK in one step; False when it had been committed before."""
+        s = self.settings
+        args: list[Any] = [self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen]
+        for name, value in protocol.encode(result).items():
+            args += [name, value]
+        k = self.keys
+        try:
+            reply: Any = self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
+        except redis.ResponseError as e:
+            raise _fenced_or(e) from None
+        return bool(reply[0])
+
+    def trim(self) -> None:
+        """Retention: results older than `results_max_age` go (XTRIM MINID ~); commands too, but never at or above
+        the oldest unsettled one (pending, or not yet delivered)."""
+        cutoff = f"{int(time.time() * 1000) - int(self.settings.results_max_age * 1000)}-0"
+        self.redis.xtrim(self.keys.res, minid=cutoff, approximate=True)
+        summary: Any = self.redis.xpending(self.keys.cmd, protocol.GROUP)
+        keep_from = summary["min"] if summary and summary.get("pending") else None
+        keep_from = keep_from.decode() if isinstance(keep_from, bytes) else keep_from
+        floor = min(cutoff, keep_from or self.last_delivered(), key=protocol.entry_key)
+        self.redis.xtrim(self.keys.cmd, minid=floor, approximate=True)
+
+
+def _fenced_or(e: redis.ResponseError) -> Exception:
+    return FencedError("this worker's lease was taken over; it stops") if "FENCED" in str(e) else e
+
+
+def check_durability(store: SessionStore) -> None:
+    """Log each durability problem loudly; with `require_durable`, refuse to start instead."""
+    problems = store.durability_problems()
+    for problem in problems:
+        log.warning("Redis is not durable: %s", problem)
+    if problems and store.settings.require_durable:
+        raise ConfigError("refusing to start (SHELLQ_REQUIRE_DURABLE): " + "; ".join(problems))
