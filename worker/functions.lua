@@ -68,11 +68,14 @@ local function acquire(keys, args)
   return {1, tonumber(redis.call('HGET', keys[2], 'fence') or 0)}
 end
 
--- Renew the lease and beat the heartbeat, stamped with the server's clock so no two clocks are compared.
+-- Renew the lease (or take it again if it expired with nobody else taking it, e.g. across a Redis restart) and
+-- beat the heartbeat, stamped with the server's clock so no two clocks are compared.
 -- KEYS: lease, meta   ARGV: token, ttl ms, field, value, ...   -> 1 renewed | 0 the lease is someone else's
 local function heartbeat(keys, args)
-  if not holds_lease(keys[1], args[1]) then return 0 end
-  redis.call('PEXPIRE', keys[1], args[2])
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then return 0 end
+  redis.call('SET', keys[1], args[1], 'PX', args[2])
+  if not holder then redis.call('HINCRBY', keys[2], 'fence', 1) end
   redis.call('HSET', keys[2], 'heartbeat_ms', now_ms(), unpack(args, 3))
   return 1
 end
