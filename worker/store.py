@@ -36,9 +36,8 @@ def _entries(reply: Any) -> list[Entry]:
     """Stream entries from an XREAD-style reply, parsed by redis-py or raw from a function (flat field lists)."""
     out: list[Entry] = []
     for _, entries in reply or []:
-        for eid, fields in entries:
-            if isinstance(fields, list):
-                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        for eid, raw in entries:
+            fields = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else raw
             out.append((eid.decode(), fields or None))
     return out
 
