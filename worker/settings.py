@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,9 @@ class WorkerSettings(EnvSettings):
     """Seconds between retention passes."""
     require_durable: bool = False
     """Refuse to start when Redis has no AOF or may evict keys (instead of a loud warning)."""
+    instance: str = Field(default_factory=lambda: uuid.uuid4().hex[:16], pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """This worker's identity: its lease token and the `instance` field of the session's meta (a backend sets it
+    to recognise the worker it started)."""
     fault: Literal["taken", "ran", "committed"] | None = None
     """Testing only: SIGKILL the worker at this step of the `fault_after`-th command."""
     fault_after: int = Field(default=1, ge=1)

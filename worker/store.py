@@ -4,9 +4,7 @@ session's state, durability checks and retention. Every method is one or two rou
 from __future__ import annotations
 
 import logging
-import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ class SessionStore:
         self.settings = settings
         self.keys = protocol.keys(settings.session)
         self.redis = connect(settings.redis_url, settings.redis_password_file)
-        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.token = settings.instance
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
 

@@ -1,0 +1,167 @@
+"""Worker images, built with no network: `FROM ${BASE_IMAGE}` plus a wheelhouse made on the host for the image's
+own Python version and platform, unpacked into /opt/shellq/lib (no pip needed in the image).
+
+Any base with python3 >= 3.10 works (python:3.12-slim, a SWE-bench style image, the debootstrap base of
+`containers/base-image.sh`); the worker starts as `shellq-worker` and leaves the image's Python untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+from docker.errors import ContainerError, DockerException, ImageNotFound
+
+import worker
+from worker.errors import ConfigError, ShellqError
+
+DEFAULT_BASE = "python:3.12-slim"
+DEFAULT_TAG = "shellq-worker:latest"
+WORKER_PACKAGE = Path(worker.__file__).resolve().parent
+DEPENDENCIES = ["redis>=5.0", "hiredis>=2.0", "msgpack>=1.0", "pydantic>=2.5", "async-timeout>=4.0.3"]
+"""The worker's dependencies. async-timeout is redis' own on Python < 3.11.3; pip download decides such
+`python_full_version` markers by the host's Python, so it is named here."""
+
+DOCKERFILE = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+COPY wheels /opt/shellq/wheels
+COPY lib /opt/shellq/lib
+COPY install.py shellq-worker /opt/shellq/
+RUN python3 /opt/shellq/install.py /opt/shellq/wheels /opt/shellq/lib && rm -rf /opt/shellq/wheels \\
+ && ln -sf /opt/shellq/shellq-worker /usr/local/bin/shellq-worker
+LABEL shellq.image="worker"
+ENTRYPOINT ["/opt/shellq/shellq-worker"]
+"""
+
+INSTALL = """\
+import sys, zipfile, pathlib
+src, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+dest.mkdir(parents=True, exist_ok=True)
+for wheel in sorted(src.glob("*.whl")):
+    zipfile.ZipFile(wheel).extractall(dest)
+    print("unpacked", wheel.name)
+"""
+
+LAUNCHER = """\
+#!/bin/sh
+code='import sys; sys.path.insert(0, "/opt/shellq/lib")
+from worker.__main__ import main
+sys.exit(main())'
+exec python3 -c "$code" "$@"
+"""
+
+PROBE = (
+    "import sys, platform, json; print(json.dumps([*sys.version_info[:3], platform.machine(), platform.libc_ver()[0]]))"
+)
+
+
+class ImageBuildError(ShellqError):
+    """The worker image could not be built; the message says why."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the image's python3 is: version and machine decide which wheels fit."""
+
+    major: int
+    minor: int
+    micro: int
+    machine: str
+    libc: str
+
+    @property
+    def pip_platforms(self) -> list[str]:
+        if self.libc != "glibc":
+            return [f"musllinux_1_1_{self.machine}", f"musllinux_1_2_{self.machine}"]
+        return [f"manylinux2014_{self.machine}"] + [f"manylinux_2_{v}_{self.machine}" for v in (17, 28, 34)]
+
+
+def probe(client: docker.DockerClient, base: str) -> Platform:
+    """Run the base image's python3 once to learn its version and platform; a clear error when it has none."""
+    try:
+        out = client.containers.run(base, ["-c", PROBE], entrypoint="python3", remove=True)
+    except ImageNotFound:
+        raise ImageBuildError(
+            f"base image {base} is not on this Docker host (no registry here: build or load it)"
+        ) from None
+    except ContainerError as e:
+        raise ImageBuildError(f"base image {base} has no usable python3: {e.stderr or e}") from None
+    major, minor, micro, machine, libc = json.loads(out)
+    found = Platform(major, minor, micro, machine, libc or "glibc")
+    if (major, minor) < (3, 10):
+        raise ImageBuildError(f"base image {base} has Python {major}.{minor}; the worker needs python3 >= 3.10")
+    return found
+
+
+def wheelhouse(platform: Platform, say: Callable[[str], None]) -> Path:
+    """Wheels of the worker's dependencies for the image's Python, cached per Python version and platform."""
+    version = f"{platform.major}.{platform.minor}.{platform.micro}"  # markers such as async-timeout's need the micro
+    cache = Path.home() / ".cache" / "shellq" / f"wheels-{version}-{platform.machine}-{platform.libc}"
+    if not any(cache.glob("pydantic_core-*.whl")):
+        say(f"downloading wheels for Python {version} ({platform.machine}) into {cache}")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(cache)]
+        cmd += ["--python-version", version, "--implementation", "cp"]
+        for tag in platform.pip_platforms:
+            cmd += ["--platform", tag]
+        _run(cmd + DEPENDENCIES, "pip download")
+    return cache
+
+
+def build(base: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, say: Callable[[str], None] = print) -> str:
+    """Build the worker image `tag` on top of `base`; returns the image id."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as e:
+        raise ImageBuildError(f"no Docker engine: {e}") from None
+    say(f"probing {base} ...")
+    platform = probe(client, base)
+    say(f"{base}: Python {platform.major}.{platform.minor} on {platform.machine} ({platform.libc})")
+    context = Path(tempfile.mkdtemp(prefix="shellq-build-"))
+    try:
+        shutil.copytree(wheelhouse(platform, say), context / "wheels")
+        # the worker package itself, as installed here (it is all a container needs of shellq)
+        shutil.copytree(WORKER_PACKAGE, context / "lib" / "worker", ignore=shutil.ignore_patterns("__pycache__"))
+        (context / "Dockerfile").write_text(DOCKERFILE)
+        (context / "install.py").write_text(INSTALL)
+        launcher = context / "shellq-worker"
+        launcher.write_text(LAUNCHER)
+        launcher.chmod(0o755)
+        say(f"docker build -t {tag} (FROM {base}) ...")
+        image_id = ""
+        for chunk in client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base}, rm=True, decode=True):
+            if "error" in chunk:
+                raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}")
+            for line in str(chunk.get("stream", "")).splitlines():
+                if line.startswith(("Step ", "unpacked")):
+                    say("  " + line.strip())
+            if "aux" in chunk and "ID" in chunk["aux"]:
+                image_id = chunk["aux"]["ID"]
+        say(f"built {tag} ({image_id[:19]})")
+        return image_id
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ImageBuildError(f"{what} failed: {done.stderr.strip()[-2000:]}")
+
+
+def ensure(base: str, tag: str, say: Callable[[str], None] = print) -> None:
+    """Build `tag` unless it exists (ConfigError when there is no engine)."""
+    try:
+        docker.from_env().images.get(tag)
+    except ImageNotFound:
+        build(base, tag, say)
+    except DockerException as e:
+        raise ConfigError(f"no Docker engine: {e}") from None
