@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A minimal Debian image with python3 for hosts with no registry: debootstrap into a folder, `docker import` it.
+# A minimal Debian image with python3 (and venv, git, procps) for hosts with no registry: debootstrap into a folder, `docker import` it.
 # usage: containers/base-image.sh [TAG [SUITE]]     (default: shellq-base:bookworm bookworm)
 # Reuses the image when it exists. Needs root, debootstrap and a Docker engine (scripts/docker-engine).
 set -euo pipefail
@@ -14,7 +14,7 @@ mirror=${mirror:-http://deb.debian.org/debian}
 root=$(mktemp -d "${TMPDIR:-/tmp}/shellq-rootfs.XXXXXX")
 trap 'rm -rf "$root"' EXIT
 echo "debootstrap $suite from $mirror (a few minutes) ..."
-debootstrap --variant=minbase --include=python3,ca-certificates "$suite" "$root" "$mirror" >"$root.log" 2>&1 || {
+debootstrap --variant=minbase --include=python3,python3-venv,git,procps,ca-certificates "$suite" "$root" "$mirror" >"$root.log" 2>&1 || {
     tail -20 "$root.log" >&2
     exit 1
 }

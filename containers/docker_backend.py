@@ -88,6 +88,7 @@ class DockerBackend:
             volumes=[_mount(m) for m in mounts],
             network_mode=network or self._default_network(),
             environment=environment,
+            restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},  # a worker that died restarts and recovers
         )
         self._started[session] = container.id
         self._watch()
@@ -169,6 +170,8 @@ class DockerBackend:
                 if session in self._stopping or self._started.get(session) != cid:
                     continue
                 code = attrs.get("exitCode", "?")
+                if self._restarting(cid):
+                    continue  # the worker died, not the container: the restarted worker settles what it left
                 with contextlib.suppress(redis.RedisError):
                     reason = f"its container exited (code {code})"
                     n = answer_unavailable(self.redis, session, attrs.get(INSTANCE_LABEL, ""), reason)
@@ -179,6 +182,15 @@ class DockerBackend:
                         code,
                         n,
                     )
+
+    def _restarting(self, container_id: str) -> bool:
+        """After a `die`: does Docker bring the container back (restart policy), or is it gone for good?"""
+        time.sleep(0.5)
+        try:
+            state = self.docker.api.inspect_container(container_id)["State"]
+        except NotFound:
+            return False
+        return bool(state.get("Restarting") or state.get("Running"))
 
 
 def _mount(spec: str) -> str:

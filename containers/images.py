@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import docker
-from docker.errors import ContainerError, DockerException, ImageNotFound
+from docker.errors import APIError, DockerException, ImageNotFound
 
 import worker
 from worker.errors import ConfigError, ShellqError
@@ -87,18 +87,25 @@ class Platform:
 def probe(client: docker.DockerClient, base: str) -> Platform:
     """Run the base image's python3 once to learn its version and platform; a clear error when it has none."""
     try:
-        out = client.containers.run(base, ["-c", PROBE], entrypoint="python3", remove=True)
+        container = client.containers.create(base, ["-c", PROBE], entrypoint="python3")
     except ImageNotFound:
         raise ImageBuildError(
             f"base image {base} is not on this Docker host (no registry here: build or load it)"
         ) from None
-    except ContainerError as e:
-        raise ImageBuildError(f"base image {base} has no usable python3: {e.stderr or e}") from None
-    major, minor, micro, machine, libc = json.loads(out)
-    found = Platform(major, minor, micro, machine, libc or "glibc")
+    try:
+        container.start()
+        code = container.wait(timeout=60).get("StatusCode")
+        out = container.logs(stdout=True, stderr=True).decode(errors="replace")
+    except APIError as e:
+        raise ImageBuildError(f"base image {base} has no usable python3: {e.explanation or e}") from None
+    finally:
+        container.remove(force=True)
+    if code != 0:
+        raise ImageBuildError(f"base image {base} has no usable python3: {out.strip()[-500:]}")
+    major, minor, micro, machine, libc = json.loads(out.strip().splitlines()[-1])
     if (major, minor) < (3, 10):
         raise ImageBuildError(f"base image {base} has Python {major}.{minor}; the worker needs python3 >= 3.10")
-    return found
+    return Platform(major, minor, micro, machine, libc or "glibc")
 
 
 def wheelhouse(platform: Platform, say: Callable[[str], None]) -> Path:

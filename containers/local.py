@@ -38,7 +38,7 @@ class LocalBackend:
     def log_path(self, session: str) -> Path:
         return self.log_dir / f"{protocol.check_id(session, 'session id')}.log"
 
-    def start(self, session: str, start_timeout: float = 20.0, env: dict[str, str] | None = None) -> int:
+    def start(self, session: str, start_timeout: float = 20.0, env: dict[str, str] | None = None) -> str:
         """Start the worker in the background and wait for its first heartbeat; returns its pid."""
         keys = protocol.keys(session)
         if self._alive_pid(session):
@@ -66,7 +66,7 @@ class LocalBackend:
                 raise SessionStartError(f"the worker of session {session} did not start:\n{self._log_tail(session)}")
             time.sleep(0.05)
         self.redis.hset(keys.meta, mapping={"backend": self.name, "log": str(self.log_path(session))})
-        return proc.pid
+        return str(proc.pid)
 
     def stop(self, session: str, timeout: float = 10.0) -> bool:
         """Ask the worker to shut down (control stream), then SIGTERM and SIGKILL it if it lingers. Idempotent;

@@ -25,12 +25,15 @@ import os
 import sys
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.client import Client, ClientSettings
 from producer.result import Result
 from worker import protocol
 from worker.errors import ShellqError
+
+if TYPE_CHECKING:
+    from containers.backend import Backend
 
 EXIT_TIMEOUT, EXIT_SHELLQ, EXIT_CANCELLED = 124, 125, 130
 
@@ -159,22 +162,25 @@ def cmd_session_start(args: argparse.Namespace) -> int:
     if args.backend == "docker":
         from containers.docker_backend import DockerBackend
 
-        backend = DockerBackend(url, image=args.image)
-        cid = backend.start(
-            name, memory=args.memory, cpus=args.cpus, pids=args.pids, mounts=args.mount, network=args.network
-        )
-        backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
-        print(name)
-        print(f"shellq: session {name}: container {cid[:12]} ({args.image})", file=sys.stderr)
-        return 0
-    backend_local = _local_backend(url)
-    pid = backend_local.start(name)
+        docker_backend = DockerBackend(url, image=args.image)
+        options = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "mounts": args.mount}
+        handle = docker_backend.start(name, network=args.network, **options)
+        docker_backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
+        where = f"container {handle[:12]} ({args.image})"
+    else:
+        local = _backend("local", url)
+        handle = local.start(name)
+        where = f"local worker pid {handle}, log {local.log_path(name)}"  # type: ignore[attr-defined]
     print(name)
-    print(f"shellq: session {name}: local worker pid {pid}, log {backend_local.log_path(name)}", file=sys.stderr)
+    print(f"shellq: session {name}: {where}", file=sys.stderr)
     return 0
 
 
-def _local_backend(url: str) -> Any:
+def _backend(kind: str, url: str, image: str = "") -> Backend:
+    if kind == "docker":
+        from containers.docker_backend import DockerBackend
+
+        return DockerBackend(url, image=image) if image else DockerBackend(url)
     from containers import embedded
     from containers.local import LocalBackend
 
@@ -187,13 +193,8 @@ def cmd_session_stop(args: argparse.Namespace) -> int:
 
     url = redis_url()
     client = Client(url)
-    backend = client.redis.hget(protocol.keys(args.name).meta, "backend")
-    if backend == b"docker":
-        from containers.docker_backend import DockerBackend
-
-        was_running = DockerBackend(url).stop(args.name)
-    else:
-        was_running = _local_backend(url).stop(args.name)
+    kind = client.redis.hget(protocol.keys(args.name).meta, "backend")
+    was_running = _backend(kind.decode() if isinstance(kind, bytes) else "local", url).stop(args.name)
     deleted = 0 if args.keep else delete_session(client, args.name)
     what = "stopped its worker" if was_running else "no worker was running"
     kept = "streams kept" if args.keep else f"{deleted} keys deleted"

@@ -123,6 +123,9 @@ class Worker:
         check_durability(self.store)
         self._wait_for_lease()
         self.store.open_session(self.work_dir / ".shellq-session")
+        previous = self.store.redis.hget(self.store.keys.meta, "shell_epoch")
+        if previous is not None:  # a new worker means a new bash: its epoch continues the session's count
+            self.shell.epoch = max(self.shell.epoch, int(previous) + 1)
         self.renewed(self.store.beat(self.heartbeat_fields()))
         self._control = Control(self)
         self._control.start()

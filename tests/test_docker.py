@@ -1,0 +1,272 @@
+"""Sessions in real containers on a real Docker engine. In CI the engine and the debootstrap base images are there
+(.ci/run); on a developer machine without an engine these tests skip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from docker.errors import DockerException
+from helpers import ROOT, RedisServer, server_binaries, wait_for
+
+from containers.docker_backend import LABEL, DockerBackend
+from producer import Client, ClientSettings, Session
+from worker import protocol
+
+pytestmark = pytest.mark.docker
+SHELLQ = Path(sys.executable).parent / "shellq"
+BASE = "shellq-base:bookworm"
+SECOND_BASE = "shellq-base:trixie"
+
+
+def need(condition: bool, why: str) -> None:
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI must have it: .ci/run sets it up)")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException:
+        need(False, "no Docker engine")
+    yield client
+    leftovers = client.containers.list(all=True, filters={"label": LABEL})
+    for c in leftovers:
+        c.remove(force=True)
+    assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+
+
+def build_image(engine: docker.DockerClient, base: str, tag: str) -> str:
+    try:
+        engine.images.get(base)
+    except DockerException:
+        need(False, f"base image {base} missing (containers/base-image.sh builds it)")
+    done = subprocess.run(
+        [str(SHELLQ), "image", "build", "--base", base, "--tag", tag], capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Step 1/" in done.stderr  # progress is shown
+    return tag
+
+
+@pytest.fixture(scope="module")
+def image(engine: docker.DockerClient) -> str:
+    return build_image(engine, BASE, "shellq-worker:test")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer("redis", server_binaries()["redis"], tmp_path_factory.mktemp("docker-redis"))
+    server.start("--appendonly", "yes")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def backend(image: str, redis_url: str) -> Iterator[DockerBackend]:
+    with DockerBackend(redis_url, image=image) as b:
+        yield b
+
+
+def session(redis_url: str, name: str) -> Session:
+    return Client(settings=ClientSettings(redis_url=redis_url, no_worker_after=5)).session(name)
+
+
+FAST = {"SHELLQ_HEARTBEAT": "0.2", "SHELLQ_LEASE_TTL": "1.5", "SHELLQ_KILL_GRACE": "0.3"}
+
+
+def test_start_exec_stop_in_a_container(backend: DockerBackend, redis_url: str, session_id: str) -> None:
+    container_id = backend.start(session_id, env=FAST)
+    s = session(redis_url, session_id)
+    assert s.run("test -f /.dockerenv && cd /tmp && export INSIDE=yes").exit_code == 0
+    r = s.run("echo $INSIDE; pwd; cat /proc/1/cmdline | tr '\\0' ' '")
+    assert r.stdout.splitlines()[:2] == ["yes", "/tmp"]
+    assert "docker-init" in r.stdout  # an init that reaps is PID 1
+    timed = s.run("echo before; sleep 30", timeout=0.5)
+    assert (timed.status, timed.stdout) == ("timeout", "before\n")
+    assert s.run("echo $INSIDE").stdout == "yes\n"
+    assert backend.stop(session_id) is True
+    assert not backend.docker.containers.list(all=True, filters={"id": container_id})
+    assert backend.stop(session_id) is False  # idempotent
+
+
+def test_zombies_are_reaped_in_the_container(backend: DockerBackend, redis_url: str, session_id: str) -> None:
+    backend.start(session_id, env=FAST)
+    s = session(redis_url, session_id)
+    s.run("for i in 1 2 3 4 5; do (sleep 0.1 &); done; sleep 0.5")
+    time.sleep(1.5)
+    s.run("true")
+    r = s.run("ps -eo stat= | grep -c '^Z' || true")
+    assert r.stdout.strip() == "0"
+
+
+def test_container_killed_from_outside_answers_queued_commands_unavailable(
+    backend: DockerBackend, redis_url: str, session_id: str
+) -> None:
+    container_id = backend.start(session_id, env=FAST)
+    s = session(redis_url, session_id)
+    running = s.submit("sleep 60")
+    queued = [s.submit(f"echo queued-{i}") for i in range(3)]
+    r = backend.redis
+    wait_for(lambda: r.hget(protocol.keys(session_id).meta, "current") == running.encode())
+    started = time.monotonic()
+    backend.docker.containers.get(container_id).kill()
+    results = [s.result(cid, timeout=20) for cid in (running, *queued)]
+    assert [x.status for x in results] == ["unavailable"] * 4
+    assert all("container exited" in (x.error or "") for x in results)
+    assert time.monotonic() - started < 15
+    backend.stop(session_id)
+
+
+def test_worker_killed_inside_the_container_keeps_the_crash_matrix(
+    backend: DockerBackend, redis_url: str, session_id: str
+) -> None:
+    container_id = backend.start(session_id, env=FAST)
+    s = session(redis_url, session_id)
+    before = s.run("echo up")
+    running = s.submit("sleep 60")
+    queued = s.submit("echo after-restart")
+    meta = protocol.keys(session_id).meta
+    wait_for(lambda: backend.redis.hget(meta, "current") == running.encode())
+    pid = backend.redis.hget(meta, "pid")
+    assert pid is not None
+    backend.docker.containers.get(container_id).exec_run(["kill", "-9", pid.decode()])
+    interrupted = s.result(running, timeout=30)
+    assert (interrupted.status, interrupted.exit_code) == ("interrupted", None)
+    after = s.result(queued, timeout=30)
+    assert (after.status, after.stdout) == ("completed", "after-restart\n")
+    assert after.shell_epoch > before.shell_epoch  # a new worker: a new bash, and the result says so
+    backend.stop(session_id)
+
+
+def test_image_from_a_second_base_with_another_python(
+    engine: docker.DockerClient, redis_url: str, session_id: str
+) -> None:
+    tag = build_image(engine, SECOND_BASE, "shellq-worker:test-trixie")
+    with DockerBackend(redis_url, image=tag) as b:
+        b.start(session_id, env=FAST)
+        r = session(redis_url, session_id).run("python3 -c 'import sys; print(sys.version_info[:2])'")
+        assert r.stdout == "(3, 13)\n"
+
+
+def test_base_without_python_is_a_clear_error(engine: docker.DockerClient, tmp_path: Path) -> None:
+    need(_has(engine, BASE), f"{BASE} missing")
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN rm -f /usr/bin/python3*\n")
+    engine.images.build(path=str(tmp_path), tag="shellq-test:nopython", rm=True)
+    done = subprocess.run(
+        [str(SHELLQ), "image", "build", "--base", "shellq-test:nopython", "--tag", "x:y"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert b"has no usable python3" in done.stderr
+    assert b"Traceback" not in done.stderr
+    engine.images.remove("shellq-test:nopython", force=True)
+
+
+def _has(engine: docker.DockerClient, tag: str) -> bool:
+    try:
+        engine.images.get(tag)
+        return True
+    except DockerException:
+        return False
+
+
+def test_gc_removes_containers_whose_session_is_gone(backend: DockerBackend, redis_url: str, session_id: str) -> None:
+    container_id = backend.start(session_id, env=FAST)
+    backend.forget(session_id)  # as after `shellq session start`: the container outlives its starter
+    backend.redis.delete(protocol.keys(session_id).meta)  # the session is gone
+    assert session_id in backend.gc()
+    assert not backend.docker.containers.list(all=True, filters={"id": container_id})
+
+
+def test_cli_session_with_docker_backend(image: str, redis_url: str, session_id: str) -> None:
+    env = {**os.environ, "SHELLQ_REDIS_URL": redis_url, **FAST}
+    start = subprocess.run(
+        [
+            str(SHELLQ),
+            "session",
+            "start",
+            "--backend",
+            "docker",
+            "--image",
+            image,
+            "--name",
+            session_id,
+            "--memory",
+            "512m",
+            "--pids",
+            "128",
+        ],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert start.returncode == 0, start.stderr.decode()
+    run = subprocess.run(
+        [str(SHELLQ), "exec", session_id, "--", "cat /sys/fs/cgroup/pids/pids.max"],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (0, b"128\n")
+    stop = subprocess.run([str(SHELLQ), "session", "stop", session_id], capture_output=True, env=env, check=False)
+    assert stop.returncode == 0 and b"stopped its worker" in stop.stdout
+
+
+def test_shell_catalogue_passes_inside_a_container(backend: DockerBackend, session_id: str, tmp_path: Path) -> None:
+    """The whole shell test catalogue, run by pytest inside a session container started by the backend."""
+    lib = tmp_path / "pytest-lib"
+    wheels = tmp_path / "wheels"
+    probe = (
+        backend.docker.containers.run(
+            backend.image,
+            ["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            entrypoint="python3",
+            remove=True,
+        )
+        .decode()
+        .strip()
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--python-version",
+            probe,
+            "--dest",
+            str(wheels),
+            "pytest",
+            "pytest-timeout",
+        ],
+        check=True,
+    )
+    import zipfile
+
+    for wheel in wheels.glob("*.whl"):
+        zipfile.ZipFile(wheel).extractall(lib)
+    container_id = backend.start(session_id, env=FAST, mounts=[f"{ROOT}:/repo:ro", f"{lib}:/opt/pytest:ro"])
+    container = backend.docker.containers.get(container_id)
+    tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_shell_*.py"))
+    code, out = container.exec_run(
+        ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        workdir="/repo",
+        environment={"PYTHONPATH": "/opt/shellq/lib:/opt/pytest", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp"},
+    )
+    text = out.decode(errors="replace")
+    assert code == 0, text[-3000:]
+    assert " passed" in text.splitlines()[-1]
