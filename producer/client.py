@@ -96,9 +96,10 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ensure_functions(self) -> None:
-        """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE)."""
-        if not self._functions_loaded:
+    def ensure_functions(self, again: bool = False) -> None:
+        """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE); `again` after
+        Redis answered "Function not found" (it came back empty)."""
+        if again or not self._functions_loaded:
             with _redis_errors(self.settings.redis_url):
                 protocol.load_functions(self.redis)
             self._functions_loaded = True
@@ -212,16 +213,27 @@ class Session:
         for name, value in protocol.encode(req).items():
             args += [name, value]
         self.client.ensure_functions()
-        with _redis_errors(settings.redis_url):
-            pipe = self.client.redis.pipeline(transaction=False)
-            pipe.fcall("shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq, *args)
-            if read_from is not None:
-                pipe.xread({k.res: read_from}, count=_READ_COUNT, block=1000)
-            replies = pipe.execute()
+        for attempt in (1, 2):
+            with _redis_errors(settings.redis_url):
+                pipe = self.client.redis.pipeline(transaction=False)
+                pipe.fcall("shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq, *args)
+                if read_from is not None:
+                    pipe.xread({k.res: read_from}, count=_READ_COUNT, block=1000)
+                try:
+                    replies = pipe.execute()
+                    break
+                except redis.ResponseError as e:
+                    if "Function not found" not in str(e) or attempt == 2:
+                        raise
+                    self.client.ensure_functions(again=True)
         outcome = int(replies[0][0])
-        if outcome < 0:
+        if outcome == -1:
             depth, cap = replies[0][1], replies[0][2]
             raise QueueFullError(f"session {self.id} holds {depth} unfinished commands; its cap is {cap}")
+        if outcome == -2 and replies[0][1] == b"lost":
+            raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
+        if outcome == -2:
+            raise NoWorkerError(f"session {self.id}: its environment is gone (container exited); start it again")
         return req.id, bool(outcome), replies[1] if read_from is not None else None
 
     def _tail(self) -> str:
@@ -269,7 +281,13 @@ class Session:
         """FCALL_RO shellq_alive: seconds since the last heartbeat (by the server's clock) and the worker's state."""
         self.client.ensure_functions()
         with _redis_errors(self.client.settings.redis_url):
-            reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
+            try:
+                reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
+            except redis.ResponseError as e:
+                if "Function not found" not in str(e):
+                    raise
+                self.client.ensure_functions(again=True)
+                reply = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
         now_ms, beat, state = reply
         return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
 

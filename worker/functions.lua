@@ -13,10 +13,12 @@ end
 
 -- Accept a command unless its id was accepted before or the session's queue is full.
 -- KEYS: cmd, jrnl:<id>, meta, seq   ARGV: journal ttl, default queue cap, command id, field, value, ...
--- -> {1, entry id} new | {0, entry id} known | {-1, depth, cap} queue full
+-- -> {1, entry id} new | {0, entry id} known | {-1, depth, cap} queue full | {-2, state} session lost or gone
 local function submit(keys, args)
   local known = redis.call('HGET', keys[2], 'entry')
   if known then return {0, known} end
+  local state = redis.call('HGET', keys[3], 'state')
+  if state == 'lost' or state == 'gone' then return {-2, state} end
   local cap = tonumber(redis.call('HGET', keys[3], 'queue_cap') or args[2])
   local depth = tonumber(redis.call('GET', keys[4]) or 0) - tonumber(redis.call('HGET', keys[3], 'settled') or 0)
   if depth >= cap then return {-1, depth, cap} end

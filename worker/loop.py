@@ -24,7 +24,7 @@ import redis
 
 from worker import procs, protocol
 from worker.control import Control
-from worker.errors import FencedError, SessionStateLostError
+from worker.errors import ConfigError, FencedError, SessionStateLostError
 from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings
 from worker.shell import Shell, ShellResult
@@ -84,6 +84,9 @@ class Worker:
         except FencedError as e:
             log.error("%s", e)
             return EXIT_FENCED
+        except ConfigError as e:
+            log.error("%s", e)
+            return EXIT_CONFIG
         finally:
             self.close()
         return EXIT_OK
@@ -255,13 +258,14 @@ class Worker:
     def _from_shell(self, cid: str, entry_id: str, r: ShellResult) -> CommandResult:
         status: protocol.Status = r.status
         error = None
+        exit_code = r.exit_code
         if status == "cancelled" and self._terminated:
-            status, error = "interrupted", "the worker was stopped while the command ran"
+            status, error, exit_code = "interrupted", "the worker was stopped while the command ran", None
         return CommandResult(
             id=cid,
             entry_id=entry_id,
             status=status,
-            exit_code=r.exit_code,
+            exit_code=exit_code,
             stdout=r.stdout,
             stderr=r.stderr,
             stdout_size=r.stdout_size,

@@ -149,7 +149,18 @@ class _Bash:
 
     def report(self, tag: bytes, status: bytes) -> bytes:
         """Shell code that writes `tag status cwd` NUL-terminated to the report descriptor."""
-        return b"builtin printf '%%s %%d %%s\\0' %s %s \"${PWD-}\" >&%d" % (tag, status, self.report_fd)
+        return b"__shellq_report %s %s" % (tag, status)
+
+    def prelude(self) -> bytes:
+        """Defined once per bash: the driver's fixed parts as read-only functions, so each command's line is short
+        (bash reads a pipe one byte at a time) and a command cannot redefine them. `set -m` gives every job its own
+        process group; the INT trap makes an interrupt return from the sourced command file."""
+        return (
+            b"set -m; shopt -s expand_aliases; builtin trap 'builtin return 130' INT; "
+            b"__shellq_begin() { builtin jobs >/dev/null 2>&1; builtin trap 'builtin return 130' INT; }; "
+            b'__shellq_report() { builtin printf \'%%s %%d %%s\\0\' "$1" "$2" "${PWD-}" >&%d; }; '
+            b"builtin readonly -f __shellq_begin __shellq_report; " % self.report_fd
+        )
 
     def stopped(self) -> bool:
         p = procs.stat(self.pid)
@@ -371,8 +382,7 @@ class Shell:
             prelude += f"builtin cd -- {shlex.quote(cwd)} 2>&{e} && "
         return (
             (
-                f"builtin jobs >/dev/null 2>&1; builtin trap 'builtin return 130' INT; "
-                f"{{ {prelude}builtin source {b.cmd_file} 2>&{e} {e}>&-; }} "
+                f"__shellq_begin; {{ {prelude}builtin source {b.cmd_file} 2>&{e} {e}>&-; }} "
                 f"</dev/null >{b.out_path} 2>/dev/null {e}>{b.err_path} {b.report_fd}>&-; "
             ).encode()
             + b.report(nonce, b'"$?"')
@@ -496,11 +506,7 @@ class Shell:
         bash = _Bash(self._env, self._start_cwd)
         self.epoch += 1
         ready = b"shellq-ready"
-        bash.send(
-            b"set -m; shopt -s expand_aliases; builtin trap 'builtin return 130' INT; "
-            + bash.report(ready, b"0")
-            + b"\n"
-        )
+        bash.send(bash.prelude() + bash.report(ready, b"0") + b"\n")
         self._bash = bash
         run = self._new_running(ready, time.monotonic() + 30, None)
         run.stoppable = False

@@ -1,0 +1,222 @@
+"""Faults on the Redis side: kill -9 and restart under load, a restart that lost everything, connections cut by a
+proxy while the worker blocks, and the producer's bounded retries. Checked with `history.check`."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import RedisServer, free_port, server_binaries, wait_for
+from history import History, analyse, exec_line
+from tcp_proxy import TcpProxy
+from test_faults import AOF_ALWAYS, Workers, client_for, own_server, settle, submit_ok, wait_exit, worker_pool
+
+from producer import NoWorkerError, RedisUnavailableError, SessionStateLostError
+from worker import protocol
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    yield from worker_pool(tmp_path)
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def durable_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own with AOF `appendfsync always`: it is killed with -9 and restarted."""
+    yield from own_server(request.param, tmp_path, *AOF_ALWAYS)
+
+
+def blocked_through(proxy: TcpProxy, server: RedisServer) -> bool:
+    """CLIENT LIST: is every connection the proxy carries that reads streams (XREAD, XREADGROUP) blocked in that
+    read right now, and is there at least one? That is the worker waiting for a command (and its control thread)."""
+    ports = proxy.upstream_ports()
+    readers = [
+        c
+        for c in server.client().client_list()
+        if int(c["addr"].rsplit(":", 1)[1]) in ports and c.get("cmd") in ("xread", "xreadgroup")
+    ]
+    return bool(readers) and all("b" in c.get("flags", "") for c in readers)
+
+
+def has_group(server: RedisServer, session: str) -> bool:
+    try:
+        groups = server.client().xinfo_groups(protocol.keys(session).cmd)
+    except redis.ResponseError:
+        return False
+    return bool(groups)
+
+
+# -- Redis killed and restarted -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lease_ttl", ["5", "1.5"], ids=["lease-outlasts-outage", "lease-expires-in-outage"])
+def test_redis_killed_and_restarted_under_load(
+    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path, lease_ttl: str
+) -> None:
+    """kill -9 of Redis (AOF always) while 4 producers push 200 commands; restarted on the same port 2 s later.
+    Nothing accepted is lost, nothing runs twice, the worker and the producers carry on by themselves, whether
+    the worker's lease outlasts the outage (as the 15 s default does) or expires during it with no rival."""
+    log, h = tmp_path / "exec.log", History()
+    worker = workers.start(durable_server.url, session_id, env={"SHELLQ_LEASE_TTL": lease_ttl})
+    errors: list[BaseException] = []
+
+    def producer(p: int) -> None:
+        s = client_for(durable_server.url, retry_for=30.0, no_worker_after=30.0).session(session_id)
+        try:
+            for i in range(50):
+                cid = submit_ok(h, s, log, f"p{p}-{i}", f"echo p{p}-{i}")
+                if i % 2:
+                    assert s.result(cid, timeout=60).stdout == f"{cid}\n"
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=producer, args=(p,), name=f"producer-{p}") for p in range(4)]
+    for t in threads:
+        t.start()
+    res_key = protocol.keys(session_id).res
+    wait_for(lambda: durable_server.client().xlen(res_key) >= 40, timeout=30)
+    durable_server.stop()  # kill -9
+    time.sleep(2)  # the outage
+    durable_server.start(*AOF_ALWAYS)
+    for t in threads:
+        t.join(timeout=70)
+    assert not any(t.is_alive() for t in threads), "a producer hung"
+    assert not errors, errors
+    s = client_for(durable_server.url, retry_for=30.0).session(session_id)
+    for _, cid in h.accepted():
+        s.result(cid, timeout=30)
+    assert worker.poll() is None, "the worker did not survive the restart"
+    settle(h, durable_server, {session_id: log})
+    report = analyse(h, {}, {})
+    assert report.accepted == 200
+    assert dict(report.statuses) == {"completed": 200}, "a command was not run to its end"
+
+
+def test_redis_restarted_empty_is_session_state_lost(
+    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+) -> None:
+    log, h = tmp_path / "exec.log", History()
+    worker = workers.start(durable_server.url, session_id)
+    s = client_for(durable_server.url, retry_for=10.0, no_worker_after=5.0).session(session_id)
+    submit_ok(h, s, log, "e-1", "echo before")
+    assert s.result("e-1", timeout=20).stdout == "before\n"
+
+    durable_server.stop()
+    for item in durable_server.workdir.iterdir():  # no AOF, no RDB: Redis comes back empty
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    durable_server.start(*AOF_ALWAYS)
+    assert wait_exit(worker, 30) == 3, "the worker should exit with 'session state lost'"
+    assert not has_group(durable_server, session_id), "the consumer group was re-created"
+
+    started = time.monotonic()
+    try:
+        cid = s.submit(exec_line(log, "e-2", "echo after"), id="e-2")
+        r = s.result(cid, timeout=30)
+    except (SessionStateLostError, NoWorkerError):
+        pass
+    else:
+        assert r.status == "unavailable", f"{r.status} {r.error}"
+        assert "session state lost" in (r.error or "")
+    assert time.monotonic() - started < 40
+    assert not has_group(durable_server, session_id)
+    assert not log.exists() or log.read_text().split() == ["e-1"]
+
+
+# -- connections cut while the worker blocks ------------------------------------------------------------------------
+
+
+def test_connection_cut_while_the_worker_blocks_waiting_for_a_command(
+    redis_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+) -> None:
+    log, h = tmp_path / "exec.log", History()
+    s = client_for(redis_server.url).session(session_id)
+    with TcpProxy(redis_server.port) as proxy:
+        worker = workers.start(proxy.url, session_id)
+        submit_ok(h, s, log, "warm", "true")
+        s.result("warm", timeout=20)
+        for round_ in range(3):
+            wait_for(lambda: blocked_through(proxy, redis_server), timeout=20)
+            assert proxy.cut() >= 1
+            cids = [submit_ok(h, s, log, f"r{round_}-{i}", f"echo r{round_}-{i}") for i in range(5)]
+            for cid in cids:
+                r = s.result(cid, timeout=30)
+                assert (r.status, r.stdout) == ("completed", f"{cid}\n"), r.error
+        assert proxy.accepted > 3, "the worker did not reconnect through the proxy"
+        assert worker.poll() is None
+    settle(h, redis_server, {session_id: log})
+
+
+def test_connections_cut_again_and_again_during_a_stream_of_commands(
+    redis_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+) -> None:
+    """Cuts land wherever the worker is (reading, running, committing): still one result per command, no command
+    run twice, stream order kept."""
+    log, h = tmp_path / "exec.log", History()
+    s = client_for(redis_server.url).session(session_id)
+    res_key = protocol.keys(session_id).res
+    with TcpProxy(redis_server.port) as proxy:
+        worker = workers.start(proxy.url, session_id)
+        for i in range(60):
+            submit_ok(h, s, log, f"c-{i}", f"echo c-{i}; sleep 0.02")
+        for k in range(1, 7):
+            wait_for(lambda k=k: redis_server.client().xlen(res_key) >= 8 * k, timeout=30)
+            proxy.cut()
+        for _, cid in h.accepted():
+            s.result(cid, timeout=30)
+        assert worker.poll() is None
+    settle(h, redis_server, {session_id: log})
+    report = analyse(h, {}, {})
+    print(f"cuts: {report}")
+    assert report.statuses["lost"] == 0
+
+
+# -- the producer's retries ---------------------------------------------------------------------------------------
+
+
+def test_producer_retries_while_redis_is_down_then_raises_redis_unavailable(tmp_path: Path) -> None:
+    binaries = server_binaries()
+    if "redis" not in binaries:
+        pytest.skip("no redis-server binary here")
+    server = RedisServer("redis", binaries["redis"], tmp_path)  # not started yet: nothing listens on its port
+
+    quick = client_for(server.url, retry_for=1.0).session("retry-s")
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailableError) as raised:
+        quick.submit("true", id="r-0")
+    assert isinstance(raised.value, ConnectionError)
+    assert time.monotonic() - started < 20
+
+    patient = client_for(server.url, retry_for=20.0).session("retry-s")
+    outcome: list[object] = []
+    t = threading.Thread(target=lambda: outcome.append(_try(lambda: patient.submit("true", id="r-1"))))
+    t.start()
+    try:
+        time.sleep(1.5)  # Redis is down this long while the submit retries
+        server.start(*AOF_ALWAYS)
+        t.join(timeout=30)
+        assert outcome == ["r-1"]
+        assert server.client().xlen(protocol.keys("retry-s").cmd) == 1
+    finally:
+        t.join(timeout=30)
+        server.stop()
+
+
+def test_producer_default_retry_window_is_ten_seconds() -> None:
+    from producer import ClientSettings
+
+    assert ClientSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0").retry_for == 10.0
+    assert ClientSettings.from_env({"SHELLQ_RETRY_FOR": "2.5"}).retry_for == 2.5
+
+
+def _try(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except Exception as e:
+        return e
