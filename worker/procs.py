@@ -44,8 +44,11 @@ def all_procs() -> list[Proc]:
 def last_pid() -> int | None:
     """The pid most recently handed out in this pid namespace (/proc/sys/kernel/ns_last_pid)."""
     try:
-        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
-            return int(f.read())
+        fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 32))
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return None
 

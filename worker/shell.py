@@ -353,7 +353,7 @@ class Shell:
             self._bash.kill()
             self._bash = self._spawn()
         bash = self._bash
-        bash.cmd_file.write_bytes(body)
+        _write_file(bash.cmd_file, body)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
@@ -552,6 +552,16 @@ def _shell_env(extra: dict[str, str] | None) -> dict[str, str]:
     env.update(SHELL_ENV_DEFAULTS)
     env.update(extra or {})
     return env
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _drain(fd: int) -> None:
