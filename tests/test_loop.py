@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import ROOT, RedisServer, free_port, wait_for
+from helpers import ROOT, RedisServer, free_port, server_binaries, wait_for
 
 from producer import Client, ClientSettings, ConfigError, InvalidRequestError, NoWorkerError, ResultTimeoutError
 from worker import protocol
@@ -353,3 +353,24 @@ def test_redis_error_is_not_swallowed_by_submit(redis_server: RedisServer, sessi
     redis_server.client().set(protocol.keys(session_id).cmd, "not a stream")
     with pytest.raises(redis.ResponseError):
         client_for(redis_server).session(session_id).submit("true")
+
+
+def test_worker_asked_to_stop_while_redis_is_gone_exits(tmp_path: Path, session_id: str) -> None:
+    server = RedisServer("redis", server_binaries()["redis"], tmp_path)
+    server.start()
+    env = {**os.environ, "SHELLQ_REDIS_URL": server.url, "SHELLQ_SESSION": session_id, "SHELLQ_HEARTBEAT": "0.2"}
+    env["SHELLQ_WORK_DIR"] = str(tmp_path / "work")
+    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        client_for(server).session(session_id).run("true", timeout=10)
+        server.stop()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 4  # "Redis unreachable", not a hang
+        assert proc.stderr is not None
+        assert b"cannot reach Redis" in proc.stderr.read()
+    finally:
+        proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+        server.stop()

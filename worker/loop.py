@@ -76,6 +76,9 @@ class Worker:
                         self._process(entry)
                         done += 1
                 except (redis.ConnectionError, redis.TimeoutError) as e:
+                    if self.stopping.is_set():
+                        log.warning("Redis unreachable (%s) while stopping; exiting", e)
+                        break
                     self._reconnect(e)
         except SessionStateLostError as e:
             log.error("session state lost: %s", e)
@@ -217,7 +220,7 @@ class Worker:
                 self.store.commit(entry[0], result)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                self._reconnect(e)
+                self._reconnect(e, holding=True)  # a result to commit: wait for Redis even when stopping
         if result.status != "completed":
             log.info("command %s: %s %s", result.id, result.status, result.error or "")
         self._fault("committed")
@@ -280,12 +283,14 @@ class Worker:
 
     # -- faults ----------------------------------------------------------------------------------------------------
 
-    def _reconnect(self, error: Exception) -> None:
+    def _reconnect(self, error: Exception, holding: bool = False) -> None:
         """Wait for Redis with backoff (one log line when it goes, one when it is back), then make sure the
         session and the lease are still there, and pick up a command whose take reply was lost on the way."""
         log.warning("Redis unreachable (%s); retrying", error)
         went, delay = time.monotonic(), 0.05
         while True:
+            if self.stopping.is_set() and self.running is None and not holding:
+                raise error  # asked to stop, nothing to commit: no reason to wait for Redis
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
