@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` (the main job) and `make check` (what CI runs).
 PY := .venv/bin/python
 
-.PHONY: env check lint test demo clean
+.PHONY: env check lint test demo bench clean
 
 env:
 	@scripts/bootstrap
@@ -19,5 +19,8 @@ check: lint test
 demo: env
 	@scripts/demo
 
+bench:
+	@scripts/bench
+
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf .venv .venv-bench .mypy_cache .ruff_cache .pytest_cache build *.egg-info
