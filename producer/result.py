@@ -52,21 +52,7 @@ class Result(BaseModel):
 
     @classmethod
     def from_wire(cls, r: CommandResult) -> Result:
-        return cls(
-            id=r.id,
-            status=r.status,
-            exit_code=r.exit_code,
-            stdout=r.stdout.decode(errors="replace"),
-            stderr=r.stderr.decode(errors="replace"),
-            stdout_bytes=r.stdout,
-            stderr_bytes=r.stderr,
-            stdout_size=r.stdout_size,
-            stderr_size=r.stderr_size,
-            truncated=r.truncated,
-            spool_path=r.spool_path,
-            cwd=r.cwd,
-            duration_ms=r.duration_ms,
-            shell_epoch=r.shell_epoch,
-            error=r.error,
-            entry_id=r.entry_id,
-        )
+        data = r.model_dump(exclude={"v"})
+        data.update(stdout_bytes=r.stdout, stderr_bytes=r.stderr)
+        data.update(stdout=r.stdout.decode(errors="replace"), stderr=r.stderr.decode(errors="replace"))
+        return cls(**data)

@@ -11,6 +11,7 @@ Exit codes: 0 stopped; 2 bad configuration; 3 session state lost; 4 Redis unreac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -259,27 +260,11 @@ class Worker:
         return self._from_shell(cid, entry_id, r)
 
     def _from_shell(self, cid: str, entry_id: str, r: ShellResult) -> CommandResult:
-        status: protocol.Status = r.status
-        error = None
-        exit_code = r.exit_code
-        if status == "cancelled" and self._terminated:
-            status, error, exit_code = "interrupted", "the worker was stopped while the command ran", None
-        return CommandResult(
-            id=cid,
-            entry_id=entry_id,
-            status=status,
-            exit_code=exit_code,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            stdout_size=r.stdout_size,
-            stderr_size=r.stderr_size,
-            truncated=r.truncated,
-            spool_path=r.spool_path,
-            cwd=r.cwd,
-            duration_ms=round(r.duration_ms, 3),
-            shell_epoch=r.shell_epoch,
-            error=error,
-        )
+        fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+        fields["duration_ms"] = round(r.duration_ms, 3)
+        if r.status == "cancelled" and self._terminated:
+            fields.update(status="interrupted", exit_code=None, error="the worker was stopped while the command ran")
+        return CommandResult(id=cid, entry_id=entry_id, **fields)
 
     # -- faults ----------------------------------------------------------------------------------------------------
 
