@@ -154,10 +154,14 @@ class Worker:
         """A predecessor on this machine that lost the lease (paused, say) must not go on running its command."""
         meta = self.store.redis.hmget(self.store.keys.meta, "host", "pid", "shell_pid")
         host, pid, shell_pid = (v.decode() if v else None for v in meta)  # type: ignore[union-attr]
-        if host == HOST and shell_pid and pid != str(os.getpid()):
-            killed = procs.kill_session(int(shell_pid))
-            if killed:
-                log.warning("killed %d processes of the previous worker's shell (pid %s)", killed, pid)
+        if host != HOST or not shell_pid or not pid or pid == str(os.getpid()):
+            return
+        shell = procs.stat(int(shell_pid))
+        if shell is None or shell.ppid != int(pid) or shell.sid != shell.pid:
+            return  # that shell is gone (its pid may belong to someone else now)
+        killed = procs.kill_session(shell.pid)
+        if killed:
+            log.warning("killed %d processes of the previous worker's shell (pid %s)", killed, pid)
 
     def _recover(self) -> None:
         """Settle what was taken but never committed: entries a worker started count as started. Each gets one
