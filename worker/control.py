@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from worker import protocol
+from worker.errors import ShellqError
 from worker.protocol import ControlRequest, DecodeError
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class Control(threading.Thread):
                     self.store.trim()
             except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(min(1.0, s.heartbeat))  # the loop logs the outage and reconnects
-            except redis.RedisError as e:
+            except (redis.RedisError, ShellqError) as e:  # the loop meets the same problem and acts on it
                 log.warning("control thread: %s", e)
                 time.sleep(s.heartbeat)
 

@@ -78,8 +78,7 @@ class Worker:
                         done += 1
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     if self.stopping.is_set():
-                        log.warning("Redis unreachable (%s) while stopping; exiting", e)
-                        break
+                        raise  # stopping anyway; the exit code says Redis could not be reached
                     self._reconnect(e)
         except SessionStateLostError as e:
             log.error("session state lost: %s", e)
@@ -200,17 +199,13 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def _next(self) -> Entry | None:
-        """The next command: one recovered after a reconnect, else FCALL shellq_take, else wait for one."""
+        """The next command: one recovered after a reconnect, else the next new one (waiting up to block_ms)."""
         if self._backlog:
             return self._backlog.pop(0)
         if time.monotonic() > self._lease_fresh_until and not self.store.beat(self.heartbeat_fields()):
             raise FencedError("this worker's lease was taken over; it stops")
-        entry = self.store.take()
-        if entry:
-            self._last = entry[0]
-            return entry
-        self.store.wait_new(self._last, self.settings.block_ms)
-        return None
+        entry, self._last = self.store.take(self._last, self.settings.block_ms)
+        return entry
 
     def _process(self, entry: Entry, counted: bool = False) -> None:
         self._taken += 1
@@ -274,12 +269,16 @@ class Worker:
 
     def _reconnect(self, error: Exception, holding: bool = False) -> None:
         """Wait for Redis with backoff (one log line when it goes, one when it is back), then make sure the
-        session and the lease are still there, and pick up a command whose take reply was lost on the way."""
+        session and the lease are still there, and pick up a command whose take reply was lost on the way.
+        Asked to stop meanwhile, it gives up at once, or, `holding` a result to commit, after the shutdown grace
+        (the next worker of the session then answers that command `interrupted`)."""
         log.warning("Redis unreachable (%s); retrying", error)
-        went, delay = time.monotonic(), 0.05
+        went, delay, stop_seen = time.monotonic(), 0.05, None
         while True:
-            if self.stopping.is_set() and self.running is None and not holding:
-                raise error  # asked to stop, nothing to commit: no reason to wait for Redis
+            if self.stopping.is_set() and self.running is None:
+                stop_seen = stop_seen or time.monotonic()
+                if not holding or time.monotonic() - stop_seen > max(self.settings.shutdown_grace, 1.0):
+                    raise error
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from worker import protocol
 from worker.errors import ConfigError, FencedError, SessionStateLostError
@@ -25,6 +28,8 @@ Entry = tuple[str, dict[bytes, bytes] | None]
 def connect(url: str, password_file: Path | None = None) -> redis.Redis:
     """A Redis client for `url`; the password, if any, comes from `password_file`."""
     options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 10}
+    # Fail fast: the worker's own reconnect loop does the waiting (and notices a stop request between tries).
+    options["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
     if password_file:
         options["password"] = password_file.read_text().strip()
     return redis.Redis.from_url(url, **options)
@@ -55,7 +60,9 @@ class SessionStore:
 
     def acquire(self) -> int | None:
         """FCALL shellq_acquire: the fencing epoch if this worker holds the lease now, else None."""
-        reply: Any = self.redis.fcall("shellq_acquire", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms)
+        reply: Any = self._call(
+            lambda: self.redis.fcall("shellq_acquire", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms)
+        )
         held, value = reply
         if not held:
             return None
@@ -65,9 +72,32 @@ class SessionStore:
     def beat(self, fields: dict[str, Any]) -> bool:
         """FCALL shellq_heartbeat: renew the lease and stamp the heartbeat; False when the lease is someone else's."""
         args = [x for kv in fields.items() for x in kv]
+        k = self.keys
         return bool(
-            self.redis.fcall("shellq_heartbeat", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms, *args)
+            self._call(
+                lambda: self.redis.fcall("shellq_heartbeat", 2, k.lease, k.meta, self.token, self._ttl_ms, *args)
+            )
         )
+
+    def _call(self, step: Callable[[], Any]) -> Any:
+        """Run one fenced step. FENCED -> FencedError, unless the session's state is gone altogether
+        (SessionStateLostError). "Function not found" means Redis restarted without our library: load it again,
+        make sure the session's state survived, retry."""
+        for attempt in (1, 2):
+            try:
+                return step()
+            except redis.ResponseError as e:
+                if "NOGROUP" in str(e):
+                    self.check_session()
+                    raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group: {e}") from None
+                if "FENCED" in str(e):
+                    self.check_session()  # a lease gone with everything else is lost state, not a takeover
+                    raise FencedError("this worker's lease was taken over; it stops") from None
+                if "Function not found" not in str(e) or attempt == 2:
+                    raise
+                protocol.load_functions(self.redis)
+                self.check_session()
+        raise AssertionError("unreachable")
 
     # -- session state -------------------------------------------------------------------------------------------
 
@@ -127,20 +157,18 @@ class SessionStore:
 
     # -- commands ------------------------------------------------------------------------------------------------
 
-    def take(self) -> Entry | None:
-        """FCALL shellq_take: the next new command, delivered to this worker (it counts as started from now)."""
-        try:
-            reply = self.redis.fcall(
-                "shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER
-            )
-        except redis.ResponseError as e:
-            raise _fenced_or(e) from None
-        entries = _entries(reply)
-        return entries[0] if entries else None
-
-    def wait_new(self, after: str, block_ms: int) -> None:
-        """XREAD BLOCK on the command stream until an entry newer than `after` exists (or the block ends)."""
-        self.redis.xread({self.keys.cmd: after}, count=1, block=block_ms)
+    def take(self, after: str, block_ms: int) -> tuple[Entry | None, str]:
+        """Wait until the command stream has an entry newer than `after` (XREAD BLOCK), then FCALL shellq_take: the
+        next new command, delivered to this lease holder (it counts as started from now). One round trip: Redis
+        runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({self.keys.cmd: after}, count=1, block=block_ms)
+        pipe.fcall("shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER)
+        seen, reply = self._call(pipe.execute)
+        entries, newer = _entries(reply), _entries(seen)
+        if entries:
+            return entries[0], entries[0][0]
+        return None, newer[-1][0] if newer else after  # never wait again on an entry someone else took
 
     def last_delivered(self) -> str:
         groups: Any = self.redis.xinfo_groups(self.keys.cmd)
@@ -180,10 +208,9 @@ class SessionStore:
         for name, value in protocol.encode(result).items():
             args += [name, value]
         k = self.keys
-        try:
-            reply: Any = self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
-        except redis.ResponseError as e:
-            raise _fenced_or(e) from None
+        reply = self._call(
+            lambda: self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
+        )
         return bool(reply[0])
 
     def trim(self) -> None:
@@ -196,10 +223,6 @@ class SessionStore:
         keep_from = keep_from.decode() if isinstance(keep_from, bytes) else keep_from
         floor = min(cutoff, keep_from or self.last_delivered(), key=protocol.entry_key)
         self.redis.xtrim(self.keys.cmd, minid=floor, approximate=True)
-
-
-def _fenced_or(e: redis.ResponseError) -> Exception:
-    return FencedError("this worker's lease was taken over; it stops") if "FENCED" in str(e) else e
 
 
 def check_durability(store: SessionStore) -> None:
