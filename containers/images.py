@@ -20,7 +20,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound
 
 import worker
-from worker.errors import ConfigError, ShellqError
+from worker.errors import ShellqError
 
 DEFAULT_BASE = "python:3.12-slim"
 DEFAULT_TAG = "shellq-worker:latest"
@@ -162,13 +162,3 @@ def _run(cmd: list[str], what: str) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise ImageBuildError(f"{what} failed: {done.stderr.strip()[-2000:]}")
-
-
-def ensure(base: str, tag: str, say: Callable[[str], None] = print) -> None:
-    """Build `tag` unless it exists (ConfigError when there is no engine)."""
-    try:
-        docker.from_env().images.get(tag)
-    except ImageNotFound:
-        build(base, tag, say)
-    except DockerException as e:
-        raise ConfigError(f"no Docker engine: {e}") from None

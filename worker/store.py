@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker import protocol
@@ -28,8 +28,9 @@ Entry = tuple[str, dict[bytes, bytes] | None]
 def connect(url: str, password_file: Path | None = None) -> redis.Redis:
     """A Redis client for `url`; the password, if any, comes from `password_file`."""
     options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 10}
-    # Fail fast: the worker's own reconnect loop does the waiting (and notices a stop request between tries).
-    options["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
+    # No retries inside redis-py: re-sending a take whose reply was lost would skip that command. The worker's own
+    # reconnect loop waits, notices a stop request, and picks up a taken command from its pending list.
+    options["retry"] = Retry(NoBackoff(), retries=0)
     if password_file:
         options["password"] = password_file.read_text().strip()
     return redis.Redis.from_url(url, **options)
