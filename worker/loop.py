@@ -25,7 +25,7 @@ import redis
 
 from worker import procs, protocol
 from worker.control import Control
-from worker.errors import ConfigError, FencedError, SessionStateLostError
+from worker.errors import ConfigError, FencedError, SessionStateLostError, ShellqError
 from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings
 from worker.shell import Shell, ShellResult
@@ -300,7 +300,7 @@ class Worker:
         try:
             answered = self.store.mark_lost(reason)
             log.error("answered %d queued commands 'unavailable'", answered)
-        except redis.RedisError as e:
+        except (redis.RedisError, ShellqError) as e:
             log.warning("could not record the loss: %s", e)
 
     def _fault(self, step: str) -> None:

@@ -134,15 +134,17 @@ class SessionStore:
     def mark_lost(self, reason: str) -> int:
         """Record the loss in meta and answer every command now on the stream `unavailable`; returns how many."""
         self.redis.hset(self.keys.meta, mapping={"state": "lost", "error": reason})
-        if self.acquire() is None:
-            return 0
+        protocol.load_functions(self.redis)
+        self.redis.set(self.keys.lease, self.token, px=self._ttl_ms, nx=True)
+        if self.redis.get(self.keys.lease) != self.token.encode():
+            return 0  # another worker answers for the session
         answered = 0
         for entry_id, fields in _entries([(None, self.redis.xrange(self.keys.cmd))]):
             cid = protocol.command_id(entry_id, fields or {})
             result = CommandResult(
                 id=cid, entry_id=entry_id, status="unavailable", error=f"session state lost: {reason}"
             )
-            answered += self.commit(entry_id, result)
+            answered += self.commit(entry_id, result, checked=False)
         return answered
 
     def durability_problems(self) -> list[str]:
@@ -202,17 +204,19 @@ class SessionStore:
         raw: Any = self.redis.get(self.keys.jrnl(entry_id))
         return raw.decode() if raw else entry_id
 
-    def commit(self, entry_id: str, result: CommandResult) -> bool:
-        """FCALL shellq_commit: result + journal + XACK in one step; False when it had been committed before."""
+    def commit(self, entry_id: str, result: CommandResult, checked: bool = True) -> bool:
+        """FCALL shellq_commit: result + journal + XACK in one step; False when it had been committed before.
+        Unchecked (answering a lost session's commands), a missing group or library is not looked into."""
         s = self.settings
         args: list[Any] = [self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen]
         for name, value in protocol.encode(result).items():
             args += [name, value]
         k = self.keys
-        reply = self._call(
-            lambda: self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
-        )
-        return bool(reply[0])
+
+        def step() -> Any:
+            return self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
+
+        return bool((self._call(step) if checked else step())[0])
 
     def trim(self) -> None:
         """Retention: results older than `results_max_age` go (XTRIM MINID ~); commands too, but never at or above
