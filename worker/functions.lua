@@ -7,8 +7,11 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Fenced: nobody else holds the lease. An expired lease nobody took (a slow heartbeat) still lets its last
+-- holder go on; the heartbeat takes it again.
 local function holds_lease(lease_key, token)
-  return redis.call('GET', lease_key) == token
+  local holder = redis.call('GET', lease_key)
+  return holder == false or holder == token
 end
 
 -- Accept a command unless its id was accepted before or the session's queue is full.
