@@ -96,6 +96,20 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def send(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send `commands` pipelined on a pooled connection and return their raw replies, retrying a connection
+        that fails like every other call does (resending is safe: submits are idempotent by id)."""
+        pool = self.redis.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            with _redis_errors(self.settings.redis_url):
+                replies: list[Any] = conn.retry.call_with_retry(
+                    lambda: protocol.roundtrip(conn, *commands), lambda _: conn.disconnect()
+                )
+                return replies
+        finally:
+            pool.release(conn)
+
     def ensure_functions(self, again: bool = False) -> None:
         """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE); `again` after
         Redis answered "Function not found" (it came back empty)."""
@@ -200,32 +214,30 @@ class Session:
             )
         except ValidationError as e:
             raise ConfigError(str(e)) from None
-        size = sum(len(k) + len(v) for k, v in protocol.encode(req).items())
-        if size > protocol.MAX_ENTRY_BYTES:
-            raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
         return req
 
     def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
         """FCALL shellq_submit, pipelined with a blocking read of the result stream when `read_from` is given."""
         assert req.id is not None
         k, settings = self.keys, self.client.settings
-        args: list[Any] = [settings.journal_ttl, settings.queue_cap, req.id]
-        for name, value in protocol.encode(req).items():
-            args += [name, value]
+        fields = protocol.encode(req)
+        size = sum(len(name) + len(value) for name, value in fields.items())
+        if size > protocol.MAX_ENTRY_BYTES:
+            raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
+        submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq)
+        submit += (settings.journal_ttl, settings.queue_cap, req.id, *(x for kv in fields.items() for x in kv))
+        commands = [submit]
+        if read_from is not None:
+            commands.append(("XREAD", "COUNT", _READ_COUNT, "BLOCK", 1000, "STREAMS", k.res, read_from))
         self.client.ensure_functions()
         for attempt in (1, 2):
-            with _redis_errors(settings.redis_url):
-                pipe = self.client.redis.pipeline(transaction=False)
-                pipe.fcall("shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq, *args)
-                if read_from is not None:
-                    pipe.xread({k.res: read_from}, count=_READ_COUNT, block=1000)
-                try:
-                    replies = pipe.execute()
-                    break
-                except redis.ResponseError as e:
-                    if "Function not found" not in str(e) or attempt == 2:
-                        raise
-                    self.client.ensure_functions(again=True)
+            try:
+                replies = self.client.send(*commands)
+                break
+            except redis.ResponseError as e:
+                if "Function not found" not in str(e) or attempt == 2:
+                    raise
+                self.client.ensure_functions(again=True)
         outcome = int(replies[0][0])
         if outcome == -1:
             depth, cap = replies[0][1], replies[0][2]
@@ -242,31 +254,25 @@ class Session:
         return str(tail[0][0].decode()) if tail else "0-0"
 
     def _scan(self, command_id: str, reply: Any) -> Result | None:
-        """Look for `command_id` among XREAD entries, remembering the newest entry seen."""
+        """Look for `command_id` among the entries of a raw XREAD reply, remembering the newest entry seen."""
         wanted = command_id.encode()
-        for _, entries in reply or []:
-            for eid, fields in entries:
-                self._last_seen = eid.decode()
-                if fields.get(b"id") == wanted:
-                    return _decode(fields)
+        for eid, fields in protocol.stream_entries(reply):
+            self._last_seen = eid
+            if fields.get(b"id") == wanted:
+                return _decode(fields)
         return None
 
     def _wait(self, command_id: str, deadline: float) -> Result:
         """XREAD BLOCK the result stream in slices of at most a second until the result arrives; between slices,
         make sure some worker is alive."""
         started = time.monotonic()
-        url = self.client.settings.redis_url
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
-            with _redis_errors(url):
-                reply = self.client.redis.xread(
-                    {self.keys.res: self._last_seen or "0-0"},
-                    count=_READ_COUNT,
-                    block=max(1, int(min(remaining, 1.0) * 1000)),
-                )
-            found = self._scan(command_id, reply)
+            block = max(1, int(min(remaining, 1.0) * 1000))
+            read = ("XREAD", "COUNT", _READ_COUNT, "BLOCK", block, "STREAMS", self.keys.res, self._last_seen or "0-0")
+            found = self._scan(command_id, self.client.send(read)[0])
             if found:
                 return found
             if time.monotonic() - started >= self.client.settings.no_worker_after:

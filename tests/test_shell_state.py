@@ -46,6 +46,15 @@ def test_alias_persists(shell: Shell) -> None:
     assert run_ok(shell, "ll").stdout == b"aliased\n"
 
 
+@pytest.mark.parametrize("removal", ["unalias -a", "shopt -u expand_aliases", "unalias __shellq_run"])
+def test_commands_still_run_after_aliases_are_removed(shell: Shell, removal: str, tmp_path: Path) -> None:
+    """shellq's own per-command alias may be removed by a command; the next commands run all the same, with state."""
+    run_ok(shell, f"{removal}; cd '{tmp_path}'; export KEPT=yes")
+    r = run_ok(shell, 'echo "$KEPT $PWD"')
+    assert r.stdout == f"yes {tmp_path}\n".encode()
+    assert run_ok(shell, "echo again").stdout == b"again\n"
+
+
 def test_associative_array_persists(shell: Shell) -> None:
     run_ok(shell, "declare -A colors=([sky]=blue [grass]=green)")
     assert run_ok(shell, 'echo "${colors[grass]} ${#colors[@]}"').stdout == b"green 2\n"

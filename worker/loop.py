@@ -120,7 +120,7 @@ class Worker:
             self.store.redis.hset(self.store.keys.meta, mapping={"state": "stopped", "current": ""})
         except redis.RedisError as e:
             log.warning("could not record the stop: %s", e)
-        self.store.redis.close()
+        self.store.close()
 
     # -- start and recovery ----------------------------------------------------------------------------------------
 

@@ -37,13 +37,8 @@ def connect(url: str, password_file: Path | None = None) -> redis.Redis:
 
 
 def _entries(reply: Any) -> list[Entry]:
-    """Stream entries from an XREAD-style reply, parsed by redis-py or raw from a function (flat field lists)."""
-    out: list[Entry] = []
-    for _, entries in reply or []:
-        for eid, raw in entries:
-            fields = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else raw
-            out.append((eid.decode(), fields or None))
-    return out
+    """Stream entries from an XREAD-style reply (parsed by redis-py or raw); deleted payloads become None."""
+    return [(eid, fields or None) for eid, fields in protocol.stream_entries(reply)]
 
 
 class SessionStore:
@@ -56,6 +51,19 @@ class SessionStore:
         self.token = settings.instance
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
+        self._loop_conn: Any = None
+
+    def _conn(self) -> Any:
+        """The loop's own connection for take and commit (the control thread uses the pool)."""
+        if self._loop_conn is None:
+            self._loop_conn = self.redis.connection_pool.get_connection()
+        return self._loop_conn
+
+    def close(self) -> None:
+        if self._loop_conn is not None:
+            self.redis.connection_pool.release(self._loop_conn)
+            self._loop_conn = None
+        self.redis.close()
 
     # -- lease ---------------------------------------------------------------------------------------------------
 
@@ -164,10 +172,10 @@ class SessionStore:
         """Wait until the command stream has an entry newer than `after` (XREAD BLOCK), then FCALL shellq_take: the
         next new command, delivered to this lease holder (it counts as started from now). One round trip: Redis
         runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xread({self.keys.cmd: after}, count=1, block=block_ms)
-        pipe.fcall("shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER)
-        seen, reply = self._call(pipe.execute)
+        k = self.keys
+        wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
+        take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, self.token, protocol.GROUP, CONSUMER)
+        seen, reply = self._call(lambda: protocol.roundtrip(self._conn(), wait, take))
         entries, newer = _entries(reply), _entries(seen)
         if entries:
             return entries[0], entries[0][0]
@@ -214,7 +222,8 @@ class SessionStore:
         k = self.keys
 
         def step() -> Any:
-            return self.redis.fcall("shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
+            call = ("FCALL", "shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
+            return protocol.roundtrip(self._conn(), call)[0]
 
         return bool((self._call(step) if checked else step())[0])
 
