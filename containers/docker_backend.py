@@ -223,7 +223,7 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
             entry_id = eid.decode()
             cid = protocol.command_id(entry_id, fields)
             result = protocol.CommandResult(id=cid, entry_id=entry_id, status="unavailable", error=reason)
-            args: list[Any] = [token, protocol.GROUP, entry_id, 7 * 86400, 10_000]
+            args: list[Any] = [token, protocol.GROUP, entry_id, 7 * 86400, 10_000, cid]
             for name, value in protocol.encode(result).items():
                 args += [name, value]
             r.fcall("shellq_commit", 5, keys.res, keys.jrnl(cid), keys.cmd, keys.lease, keys.meta, *args)

@@ -42,12 +42,14 @@ ENTRYPOINT ["/opt/shellq/shellq-worker"]
 """
 
 INSTALL = """\
-import sys, zipfile, pathlib
+import compileall, sys, zipfile, pathlib
 src, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 dest.mkdir(parents=True, exist_ok=True)
 for wheel in sorted(src.glob("*.whl")):
     zipfile.ZipFile(wheel).extractall(dest)
     print("unpacked", wheel.name)
+# bytecode now, not in every new container (that compiled redis and pydantic at each start: +0.6 s, +MBs)
+sys.exit(not compileall.compile_dir(dest, quiet=1, workers=0))
 """
 
 LAUNCHER = """\

@@ -374,3 +374,24 @@ def test_worker_asked_to_stop_while_redis_is_gone_exits(tmp_path: Path, session_
         if proc.stderr:
             proc.stderr.close()
         server.stop()
+
+
+def test_session_state_is_running_during_a_command_and_idle_as_soon_as_it_ends(
+    redis_server: RedisServer, start_worker: StartWorker, session_id: str
+) -> None:
+    """`session list` reads this state: a command that outlives a heartbeat shows running, and idle with its result
+    (not one heartbeat later)."""
+    from producer.admin import list_sessions
+
+    start_worker(session_id)  # heartbeat every 0.2 s
+    client = client_for(redis_server)
+    s = client.session(session_id)
+    cid = s.submit("sleep 0.8")
+
+    def row() -> tuple[str, str]:
+        state = next(r for r in list_sessions(client) if r.name == session_id)
+        return state.state, state.current
+
+    wait_for(lambda: row() == ("running", cid))
+    s.result(cid, timeout=10)
+    assert row() == ("idle", "")

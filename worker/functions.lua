@@ -43,14 +43,16 @@ local function take(keys, args)
 end
 
 -- Publish a command's one result, record it in the journal and acknowledge the command entry.
--- KEYS: res, jrnl:<id>, cmd, lease, meta   ARGV: token, group, entry id, journal ttl, results maxlen, field, value, ...
+-- A running session is idle from now until a heartbeat says otherwise (one on its way about this command won't).
+-- KEYS: res, jrnl:<id>, cmd, lease, meta
+-- ARGV: token, group, entry id, journal ttl, results maxlen, command id, field, value, ...
 -- -> {1, result id} published | {0, result id} published before (only acknowledged now)
 local function commit(keys, args)
   if not holds_lease(keys[4], args[1]) then return redis.error_reply('FENCED lease lost') end
   local rid = redis.call('HGET', keys[2], 'res')
   local new = 0
   if not rid then
-    rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 6))
+    rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 7))
     if redis.call('HEXISTS', keys[2], 'entry') == 1 then redis.call('HINCRBY', keys[5], 'settled', 1) end
     redis.call('HSET', keys[2], 'res', rid)
     redis.call('HSETNX', keys[2], 'entry', args[3])
@@ -58,6 +60,10 @@ local function commit(keys, args)
     new = 1
   end
   redis.pcall('XACK', keys[3], args[2], args[3])  -- the group may be gone (Redis came back empty)
+  redis.call('HSET', keys[5], 'last_done', args[6])
+  if redis.call('HGET', keys[5], 'state') == 'running' then
+    redis.call('HSET', keys[5], 'state', 'idle', 'current', '')
+  end
   return {new, rid}
 end
 
@@ -82,6 +88,10 @@ local function heartbeat(keys, args)
   redis.call('SET', keys[1], args[1], 'PX', args[2])
   if not holder then redis.call('HINCRBY', keys[2], 'fence', 1) end
   redis.call('HSET', keys[2], 'heartbeat_ms', now_ms(), unpack(args, 3))
+  local current = redis.call('HGET', keys[2], 'current')
+  if current and current ~= '' and current == redis.call('HGET', keys[2], 'last_done') then
+    redis.call('HSET', keys[2], 'state', 'idle', 'current', '')  -- stamped running before that command's commit
+  end
   return 1
 end
 

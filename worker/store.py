@@ -216,7 +216,7 @@ class SessionStore:
         """FCALL shellq_commit: result + journal + XACK in one step; False when it had been committed before.
         Unchecked (answering a lost session's commands), a missing group or library is not looked into."""
         s = self.settings
-        args: list[Any] = [self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen]
+        args: list[Any] = [self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen, result.id]
         for name, value in protocol.encode(result).items():
             args += [name, value]
         k = self.keys
