@@ -70,12 +70,12 @@ class Worker:
         done = 0
         try:
             self._start()
-            while not self.stopping.is_set() and (max_commands is None or done < max_commands):
+            while (not self.stopping.is_set() or self._backlog) and (max_commands is None or done < max_commands):
                 try:
                     entry = self._next()
                     if entry:
-                        self._process(entry)
                         done += 1
+                        self._process(entry, take_next=max_commands is None or done < max_commands)
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     if self.stopping.is_set():
                         raise  # stopping anyway; the exit code says Redis could not be reached
@@ -207,7 +207,9 @@ class Worker:
         entry, self._last = self.store.take(self._last, self.settings.block_ms)
         return entry
 
-    def _process(self, entry: Entry, counted: bool = False) -> None:
+    def _process(self, entry: Entry, counted: bool = False, take_next: bool = False) -> None:
+        """Run one command and commit its result; `take_next` takes the next queued command in the same round trip
+        (taken, it is run even when a stop comes first: it counts as started)."""
         self._taken += 1
         self._started[entry[0]] = None
         if len(self._started) > 1000:
@@ -217,7 +219,13 @@ class Worker:
         self._fault("ran")
         while True:
             try:
-                self.store.commit(entry[0], result)
+                if take_next and not self._backlog and not self.stopping.is_set():
+                    queued = self.store.commit_and_take(entry[0], result)
+                    if queued:
+                        self._backlog.append(queued)
+                        self._last = queued[0]
+                else:
+                    self.store.commit(entry[0], result)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self._reconnect(e, holding=True)  # a result to commit: wait for Redis even when stopping

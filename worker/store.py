@@ -215,17 +215,26 @@ class SessionStore:
     def commit(self, entry_id: str, result: CommandResult, checked: bool = True) -> bool:
         """FCALL shellq_commit: result + journal + XACK in one step; False when it had been committed before.
         Unchecked (answering a lost session's commands), a missing group or library is not looked into."""
-        s = self.settings
-        args: list[Any] = [self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen, result.id]
-        for name, value in protocol.encode(result).items():
-            args += [name, value]
-        k = self.keys
+        call = self._commit_call(entry_id, result)
 
         def step() -> Any:
-            call = ("FCALL", "shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta, *args)
             return protocol.roundtrip(self._conn(), call)[0]
 
         return bool((self._call(step) if checked else step())[0])
+
+    def commit_and_take(self, entry_id: str, result: CommandResult) -> Entry | None:
+        """FCALL shellq_commit and, in the same round trip, FCALL shellq_take: the next command if one is queued
+        (it counts as started from now, like any take)."""
+        take = ("FCALL", "shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER)
+        _, reply = self._call(lambda: protocol.roundtrip(self._conn(), self._commit_call(entry_id, result), take))
+        entries = _entries(reply)
+        return entries[0] if entries else None
+
+    def _commit_call(self, entry_id: str, result: CommandResult) -> tuple[Any, ...]:
+        s, k = self.settings, self.keys
+        call: tuple[Any, ...] = ("FCALL", "shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta)
+        call += (self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen, result.id)
+        return call + tuple(x for kv in protocol.encode(result).items() for x in kv)
 
     def trim(self) -> None:
         """Retention: results older than `results_max_age` go (XTRIM MINID ~); commands too, but never at or above
