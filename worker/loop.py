@@ -101,6 +101,7 @@ class Worker:
         timer = threading.Timer(grace, self._terminate)
         timer.daemon = True
         timer.start()
+        threading.Thread(target=self.store.wake, name="shellq-wake", daemon=True).start()
 
     def interrupt(self, command_id: str) -> None:
         """Cancel a command: the running one is stopped; a queued one will be answered without running."""

@@ -3,6 +3,7 @@ session's state, durability checks and retention. Every method is one or two rou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,9 +26,11 @@ CONSUMER = "worker"
 Entry = tuple[str, dict[bytes, bytes] | None]
 
 
-def connect(url: str, password_file: Path | None = None) -> redis.Redis:
-    """A Redis client for `url`; the password, if any, comes from `password_file`."""
+def connect(url: str, password_file: Path | None = None, name: str | None = None) -> redis.Redis:
+    """A Redis client for `url` whose connections are called `name` (CLIENT SETNAME); the password, if any, comes
+    from `password_file`."""
     options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 10}
+    options["client_name"] = name
     # No retries inside redis-py: re-sending a take whose reply was lost would skip that command. The worker's own
     # reconnect loop waits, notices a stop request, and picks up a taken command from its pending list.
     options["retry"] = Retry(NoBackoff(), retries=0)
@@ -47,7 +50,8 @@ class SessionStore:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.keys = protocol.keys(settings.session)
-        self.redis = connect(settings.redis_url, settings.redis_password_file)
+        self.name = f"shellq-worker:{settings.session}:{settings.instance}"
+        self.redis = connect(settings.redis_url, settings.redis_password_file, self.name)
         self.token = settings.instance
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
@@ -58,6 +62,15 @@ class SessionStore:
         if self._loop_conn is None:
             self._loop_conn = self.redis.connection_pool.get_connection()
         return self._loop_conn
+
+    def wake(self) -> None:
+        """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
+        blocking reads. Best effort: without the permission, the reads end within a second anyway."""
+        with contextlib.suppress(redis.RedisError):
+            clients: Any = self.redis.client_list()
+            for client in clients:
+                if client.get("name") == self.name and "xread" in client.get("cmd", ""):
+                    self.redis.client_unblock(int(client["id"]))
 
     def close(self) -> None:
         if self._loop_conn is not None:
