@@ -1,6 +1,6 @@
 """What a session costs (method and raw numbers printed; nothing asserted).
 
-  python bench/costs.py [--commands 10000]
+  python bench/costs.py [--commands 10000] [--json out.json]
 
 worker RSS     VmRSS of a local worker idle, and after --commands `true` commands (its peak VmHWM too)
 Redis memory   INFO used_memory per idle session (20 sessions started and served once), and per 1,000 results
@@ -10,7 +10,9 @@ Redis memory   INFO used_memory per idle session (20 sessions started and served
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +47,7 @@ def start_worker(url: str, session: str, tmp: Path) -> subprocess.Popen[bytes]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--commands", type=int, default=10_000)
+    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shellq-costs-"))
     server, url, version = start_redis(tmp, "everysec")
@@ -59,9 +62,11 @@ def main() -> None:
         s = Client(url).session("cost")
         for _ in range(args.commands):
             s.run("true")
+        rss = {"idle_kb": idle, "commands": args.commands}
+        rss |= {"after_commands_kb": status_kb(w.pid, "VmRSS"), "peak_after_commands_kb": status_kb(w.pid, "VmHWM")}
         print(
             f"worker RSS idle: {idle / 1024:.1f} MiB; after {args.commands} commands: "
-            f"{status_kb(w.pid, 'VmRSS') / 1024:.1f} MiB (peak {status_kb(w.pid, 'VmHWM') / 1024:.1f} MiB)"
+            f"{rss['after_commands_kb'] / 1024:.1f} MiB (peak {rss['peak_after_commands_kb'] / 1024:.1f} MiB)"
         )
 
         before = int(r.info("memory")["used_memory"])
@@ -72,6 +77,7 @@ def main() -> None:
         for _ in range(1000):
             s.run("true")
         per_1k = int(r.info("memory")["used_memory"]) - before
+        redis_memory = {"idle_sessions": 20, "per_idle_session_bytes": per_session, "per_1k_results_bytes": per_1k}
         print(
             f"Redis used_memory per idle session: {per_session / 1024:.1f} KiB; per 1,000 `true` results "
             f"(with their commands and journal entries): {per_1k / 1024:.1f} KiB"
@@ -81,11 +87,14 @@ def main() -> None:
         t = time.perf_counter()
         big = s.run("head -c 100000000 /dev/zero", timeout=300)
         took = time.perf_counter() - t
+        peak = status_kb(w.pid, "VmHWM")
         print(
             f"100 MB stdout: {took * 1000:.0f} ms to the result; kept {len(big.stdout_bytes)} of {big.stdout_size} "
             f"bytes (truncated={big.truncated}, spooled to {big.spool_path}); worker peak RSS "
-            f"{status_kb(w.pid, 'VmHWM') / 1024:.1f} MiB (before: {base_hwm / 1024:.1f} MiB, idle {idle / 1024:.1f})"
+            f"{peak / 1024:.1f} MiB (before: {base_hwm / 1024:.1f} MiB, idle {idle / 1024:.1f})"
         )
+        stdout = {"ms": took * 1000, "kept_bytes": len(big.stdout_bytes), "stdout_size": big.stdout_size}
+        stdout |= {"truncated": big.truncated, "peak_rss_kb": peak, "peak_rss_before_kb": base_hwm, "idle_rss_kb": idle}
     finally:
         for proc in workers:
             proc.terminate()
@@ -93,6 +102,13 @@ def main() -> None:
             proc.wait(timeout=30)
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "redis": version, "aof": "everysec"}
+        results = {"worker_rss": rss, "redis_memory": redis_memory, "stdout_100mb": stdout}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"raw numbers: {args.json}")
 
 
 if __name__ == "__main__":

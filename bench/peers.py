@@ -15,6 +15,8 @@ everysec on loopback. Systems:
   mini-swe-agent        minisweagent DockerEnvironment.execute (docker exec bash -lc per command)
   autogen docker        autogen_ext DockerCommandLineCodeExecutor.execute_code_blocks (a bash code block)
   swe-rex local         swerex LocalRuntime bash session (pexpect, persistent), its default settings
+  swe-rex docker        swerex DockerDeployment: the same bash session behind swerex-remote (FastAPI, HTTP) in a
+                        container of the base image plus swe-rex (bench/swerex_image.sh, built offline)
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from producer import Client  # noqa: E402
 
 COMMANDS = {"true": "true", "ls": "ls -la /usr/lib", "python": "python3 -c pass"}
 STATE_SET, STATE_CHECK, STATE_WANT = "export BENCH_A=1 && cd /tmp", "echo $BENCH_A:$(pwd)", "1:/tmp"
+SWEREX_IMAGE = "shellq-bench-swerex:latest"  # built by bench/swerex_image.sh
 Runner = Callable[[str], str]
+os.environ.setdefault("SWE_REX_LOG_STREAM_LEVEL", "WARNING")  # swe-rex logs DEBUG and INFO to stdout otherwise
 
 
 def measure(run: Runner, runs: int, warmup: int) -> dict[str, Any]:
@@ -107,7 +111,34 @@ def swerex_runner() -> tuple[Runner, Callable[[], None]]:
     return run, lambda: loop.run_until_complete(rt.close())
 
 
-def main() -> None:
+def swerex_docker_runner(image: str) -> tuple[Runner, Callable[[], None], float]:
+    """A bash session of swe-rex's DockerDeployment; also returns how long DockerDeployment.start() took, in ms."""
+    from swerex.deployment.docker import DockerDeployment
+    from swerex.runtime.abstract import BashAction, CreateBashSessionRequest
+
+    loop = asyncio.new_event_loop()
+    deployment = DockerDeployment(image=image, pull="never")  # a local image: there is no registry to pull from
+    t = time.perf_counter()
+    loop.run_until_complete(deployment.start())  # `docker run` of swerex-remote, then polls it until it answers
+    start_ms = (time.perf_counter() - t) * 1000
+
+    def stop() -> None:
+        loop.run_until_complete(deployment.stop())
+
+    try:
+        loop.run_until_complete(deployment.runtime.create_session(CreateBashSessionRequest()))
+    except BaseException:
+        stop()
+        raise
+
+    def run(cmd: str) -> str:
+        action = BashAction(command=cmd, check="silent")
+        return str(loop.run_until_complete(deployment.runtime.run_in_session(action)).output)
+
+    return run, stop, start_ms
+
+
+def main() -> None:  # noqa: PLR0915 (one system after another)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=200, help="timed runs per command for the fast systems")
     ap.add_argument("--slow-runs", type=int, default=30, help="timed runs per command for docker-exec-based ones")
@@ -116,6 +147,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args()
     engine = docker.from_env()
+    if not engine.images.list(name=SWEREX_IMAGE):
+        subprocess.run([HERE / "swerex_image.sh"], stdout=sys.stderr, check=True)  # keeps stdout to the report
     tmp = Path(tempfile.mkdtemp(prefix="shellq-peers-"))
     server, url, redis_version = start_redis(tmp, "everysec")
     results: dict[str, Any] = {}
@@ -162,6 +195,9 @@ def main() -> None:
         run, stop = swerex_runner()
         cleanups.append(stop)
         results["swe-rex local"] = measure(run, args.slow_runs, 3)
+        run, stop, start_ms = swerex_docker_runner(SWEREX_IMAGE)
+        cleanups.append(stop)
+        results["swe-rex docker"] = {**measure(run, args.slow_runs, 3), "start_ms": start_ms}
     finally:
         for cleanup in reversed(cleanups):
             try:
@@ -184,6 +220,9 @@ def report(results: dict[str, Any], redis_version: str, docker_version: str, pat
             s = r[cmd]
             kept = ("yes" if r["state_kept"] else "no") if cmd == "true" else ""
             print(f"{system:<22}{cmd:<8}{s['n']:>5}{s['p50']:>10.2f}{s['p95']:>10.2f}{s['p99']:>10.2f}  {kept}")
+    for system, r in results.items():
+        if "start_ms" in r:
+            print(f"{system} start: {r['start_ms']:.0f} ms (until its server answers; before the bash session)")
     print("ratio of each system's `true` p50 to shellq local's:")
     for system, r in results.items():
         print(f"  {system:<22}{r['true']['p50'] / fast:>8.1f}x")

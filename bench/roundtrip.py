@@ -3,6 +3,8 @@
     python bench/roundtrip.py [--runs 2000] [--appendfsync everysec|always] [--json out.json]
 
 Measures, on this machine:
+  pipe bash    one `bash --norc --noprofile` behind plain pipes, no shellq code: write `true; echo __done__` to its
+               stdin and read its stdout up to the marker (the physical floor of the shell part)
   shell        worker.shell.Shell.run("true") alone (no Redis)
   bash -c      subprocess.run(["bash", "-c", "true"]) (a fresh process per command)
   stream echo  a bare Redis-stream request/response: XADD to a stream, an echo process XREAD BLOCKs it and XADDs a
@@ -106,6 +108,25 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def bench_pipe_bash(runs: int) -> list[float]:
+    bash = subprocess.Popen(["bash", "--norc", "--noprofile"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert bash.stdin is not None and bash.stdout is not None
+    fd_in, fd_out = bash.stdin.fileno(), bash.stdout.fileno()
+
+    def once() -> None:
+        os.write(fd_in, b"true; echo __done__\n")
+        out = b""
+        while not out.endswith(b"__done__\n"):
+            out += os.read(fd_out, 4096)
+
+    try:
+        return timed(once, runs)
+    finally:
+        bash.stdin.close()
+        bash.wait(timeout=10)
+        bash.stdout.close()
+
+
 def bench_stream_echo(url: str, runs: int) -> list[float]:
     echo = subprocess.Popen([sys.executable, "-c", ECHO, url])
     r = redis.Redis.from_url(url)
@@ -139,6 +160,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     raw: dict[str, list[float]] = {}
 
+    raw["pipe bash"] = bench_pipe_bash(args.runs)
     with Shell(work_dir=tmp / "shell") as sh:
         raw["shell"] = timed(lambda: sh.run("true"), args.runs)
     raw["bash -c"] = timed(lambda: subprocess.run(["bash", "-c", "true"], check=True), min(args.runs, 500))

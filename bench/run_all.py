@@ -3,7 +3,8 @@
     make bench        (the bench environment, Docker engine and images are set up by scripts/bench)
 
 Each benchmark is its own script in bench/ (they print their method and raw numbers); this one runs them in
-sequence on an otherwise idle machine, keeps their output verbatim, and sums the `true` round trips up in a chart.
+sequence on an otherwise idle machine, keeps their output verbatim, sums the `true` round trips up in a chart, and
+puts the project's targets against this run's numbers (from the scripts' JSON) in a table first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -29,9 +32,18 @@ RUNS = [
         ["roundtrip.py", "--runs", "1000", "--appendfsync", "always", "--json", "RESULTS/roundtrip-always.json"],
     ),
     ("Against the alternatives", ["peers.py", "--json", "RESULTS/peers.json"]),
-    ("Containers: cold start and per command", ["containers.py"]),
-    ("Throughput", ["throughput.py", "--seconds", "8"]),
-    ("Cost per session", ["costs.py"]),
+    ("Containers: cold start and per command", ["containers.py", "--json", "RESULTS/containers.json"]),
+    ("Agent trajectory (~50 commands)", ["trajectory.py", "--json", "RESULTS/trajectory.json"]),
+    ("Throughput", ["throughput.py", "--seconds", "8", "--json", "RESULTS/throughput.json"]),
+    ("Cost per session", ["costs.py", "--json", "RESULTS/costs.json"]),
+]
+PEERS = [  # the docker-exec-based peers and SWE-ReX: shellq is to be >= 100x faster than each
+    "docker exec (CLI)",
+    "docker SDK exec_run",
+    "mini-swe-agent",
+    "autogen docker",
+    "swe-rex local",
+    "swe-rex docker",
 ]
 
 
@@ -68,8 +80,165 @@ def chart(peers: Path, png: Path) -> bool:
     return True
 
 
+def read_results(results: Path, since: float) -> dict[str, Any]:
+    """Every JSON file in `results` written since `since` (by this run), by name without .json."""
+    return {p.stem: json.loads(p.read_text()) for p in results.glob("*.json") if p.stat().st_mtime >= since}
+
+
+def ms(x: float) -> str:
+    return f"{x:.2f} ms" if x < 10 else f"{x:.0f} ms"
+
+
+def mib(kb: float) -> str:
+    return f"{kb / 1024:.1f} MiB"
+
+
+def aof(doc: dict[str, Any]) -> str:
+    """The Redis persistence mode of a script's run (peers.py names none: it always runs AOF everysec)."""
+    return f"AOF {doc['meta'].get('aof', 'everysec')}"
+
+
+def summaries(r: dict[str, Any], mode: str) -> dict[str, Any]:
+    """roundtrip.py's summaries (p50, p99, ...) by what was measured ("shellq", "pipe bash", "stream echo")."""
+    doc = r[f"roundtrip-{mode}"]
+    return dict(doc.get("results") or doc["summary"])
+
+
+def round_trip(r: dict[str, Any], mode: str, p: str, limit: float) -> tuple[str, bool]:
+    x = summaries(r, mode)["shellq"][p]
+    return f"{ms(x)} (shellq, local worker, AOF {mode})", x <= limit
+
+
+def faster(r: dict[str, Any]) -> tuple[str, bool]:
+    res = r["peers"]["results"]
+    p50 = {name: res[name]["true"]["p50"] for name in [*PEERS, "shellq local", "shellq container"]}
+    closest = min(PEERS, key=p50.__getitem__)  # the fastest peer: the smallest ratio
+    local, box, mode = p50["shellq local"], p50["shellq container"], aof(r["peers"])
+    text = (
+        f"{p50[closest] / local:.1f}x ({closest} {ms(p50[closest])} / shellq local {ms(local)}, {mode}); "
+        f"against shellq container ({ms(box)}, {mode}): {p50[closest] / box:.1f}x"
+    )
+    return text, p50[closest] / local >= 100
+
+
+def throughput(r: dict[str, Any], sessions: int) -> tuple[str, bool]:
+    x = r["throughput"]["results"][str(sessions)]["commands_per_s"]
+    return f"{x:,.0f} commands/s ({sessions} sessions, local workers, {aof(r['throughput'])})", x >= 2500
+
+
+def cold_start(r: dict[str, Any]) -> tuple[str, bool]:
+    res = r["containers"]["results"]
+    shellq, bare = res["cold start shellq"]["p50"], res["cold start docker run -d"]["p50"]
+    text = (
+        f"shellq {ms(shellq)} vs `docker run -d` {ms(bare)}: {shellq - bare:+.0f} ms (medians; {aof(r['containers'])})"
+    )
+    return text, shellq <= bare + 200
+
+
+def idle_rss(r: dict[str, Any]) -> tuple[str, bool]:
+    kb = r["roundtrip-everysec"]["idle_rss_kb"]  # VmRSS in KiB; the target's 40 MB taken as 40e6 bytes
+    return f"{mib(kb)} = {kb * 1024 / 1e6:.1f} MB (local worker, AOF everysec)", kb * 1024 <= 40e6
+
+
+def peak_rss(r: dict[str, Any]) -> tuple[str, bool]:
+    big = r["costs"]["results"]["stdout_100mb"]
+    ratio = big["peak_rss_kb"] / big["idle_rss_kb"]
+    text = (
+        f"{mib(big['peak_rss_kb'])} vs {mib(big['idle_rss_kb'])} idle: {ratio:.2f}x (local worker, {aof(r['costs'])})"
+    )
+    return text, ratio <= 2
+
+
+def teardown(r: dict[str, Any]) -> str:
+    res = r["containers"]["results"]
+    shellq, bare = res["teardown shellq"]["p50"], res["teardown docker rm -f"]["p50"]
+    return f"{ms(shellq)} (shellq, {aof(r['containers'])}) vs `docker rm -f` {ms(bare)} (medians)"
+
+
+def redis_memory(r: dict[str, Any], key: str) -> str:
+    return f"{r['costs']['results']['redis_memory'][key] / 1024:.1f} KiB ({aof(r['costs'])})"
+
+
+def rss_after_commands(r: dict[str, Any]) -> str:
+    rss = r["costs"]["results"]["worker_rss"]
+    return (
+        f"{mib(rss['after_commands_kb'])} after {rss['commands']:,} commands "
+        f"(idle {mib(rss['idle_kb'])}; local worker, {aof(r['costs'])})"
+    )
+
+
+def trajectory(r: dict[str, Any]) -> str:
+    doc = r["trajectory"]
+    totals = [
+        f"{name} {x['total_s']['median']:.1f} s" + (f" ({len(x['failed'])} checks FAILED)" if x["failed"] else "")
+        for name, x in doc["results"].items()
+    ]
+    runs = f"{len(doc['commands'])} commands, median of {doc['meta']['repeat']} runs"
+    return f"{', '.join(totals)} ({runs}; shellq {aof(doc)})"
+
+
+def stream_echo(r: dict[str, Any]) -> str:
+    return ", ".join(f"{ms(summaries(r, mode)['stream echo']['p50'])} AOF {mode}" for mode in ["everysec", "always"])
+
+
+Row = Callable[[dict[str, Any]], Any]
+TARGETS: list[tuple[str, Row]] = [  # each returns (measured, met)
+    ("`true` round trip p50 ≤ 0.6 ms, AOF everysec", lambda r: round_trip(r, "everysec", "p50", 0.6)),
+    ("`true` round trip p50 ≤ 1.2 ms, AOF always", lambda r: round_trip(r, "always", "p50", 1.2)),
+    ("`true` round trip p99 ≤ 2 ms, AOF everysec", lambda r: round_trip(r, "everysec", "p99", 2)),
+    ("≥ 100x faster per command than every docker-exec-based peer and SWE-ReX (`true` p50, smallest ratio)", faster),
+    ("≥ 2,500 commands/s aggregate at 8 sessions", lambda r: throughput(r, 8)),
+    ("cold start to first result ≤ bare `docker run -d` + 200 ms", cold_start),
+    ("worker idle RSS ≤ 40 MB", idle_rss),
+    ("peak worker RSS under 100 MB of stdout ≤ 2x idle", peak_rss),
+]
+FIGURES: list[tuple[str, Row]] = [  # without a target; each returns the measured text
+    ("aggregate throughput at 128 sessions", lambda r: throughput(r, 128)[0]),
+    ("container teardown, until the container is gone", teardown),
+    ("Redis memory per idle session", lambda r: redis_memory(r, "per_idle_session_bytes")),
+    ("Redis memory per 1,000 `true` results, with their commands", lambda r: redis_memory(r, "per_1k_results_bytes")),
+    ("worker RSS after a run of `true` commands", rss_after_commands),
+    ("agent trajectory, total wall time", trajectory),
+    (
+        "floor: `true` to a bash behind plain pipes (no shellq, no Redis), p50",
+        lambda r: ms(summaries(r, "everysec")["pipe bash"]["p50"]),
+    ),
+    ("floor: bare Redis-stream echo (no shell), p50", stream_echo),
+]
+MISSING = (LookupError, TypeError, ArithmeticError)  # a file, or a key in it, is not there
+
+
+def targets(results: Path, since: float = 0.0) -> list[str]:
+    """The "## Targets" section: the project's targets against the figures of this run in `results`/*.json."""
+    r = read_results(results, since)
+    lines = [
+        "## Targets",
+        "",
+        "The project's targets, each against the figures of this run (from `bench/results/*.json`, the numbers of",
+        "the sections below). A shellq figure is of a local worker (`python -m worker`) unless it says container,",
+        "and names the Redis persistence mode it ran with. 'not measured': that number is missing from this run.",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+    ]
+    for target, row in TARGETS:
+        try:
+            measured, met = row(r)
+            lines.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+        except MISSING:
+            lines.append(f"| {target} | not measured | |")
+    lines += ["", "Without a target:", "", "| figure | measured |", "| --- | --- |"]
+    for figure, row in FIGURES:
+        try:
+            lines.append(f"| {figure} | {row(r)} |")
+        except MISSING:
+            lines.append(f"| {figure} | not measured |")
+    return [*lines, ""]
+
+
 def main() -> None:
     RESULTS.mkdir(exist_ok=True)
+    started = time.time() - 1  # file times come from a coarser clock, up to a tick behind time.time()
     sections = [(title, run(args)) for title, args in RUNS]
     has_chart = chart(RESULTS / "peers.json", DOC.parent / "benchmarks.png")
     machine = f"{platform.node()} {platform.machine()}, Python {platform.python_version()}"
@@ -85,6 +254,9 @@ def main() -> None:
     ]
     if has_chart:
         lines += ["![round trip of `true` per system](benchmarks.png)", ""]
+    summary = targets(RESULTS, started)
+    print("\n".join(summary))
+    lines += summary
     for title, out in sections:
         lines += [f"## {title}", "", "```", out.strip(), "```", ""]
     DOC.parent.mkdir(exist_ok=True)

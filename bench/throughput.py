@@ -1,17 +1,22 @@
 """Aggregate throughput: commands/s with 1, 8, 32 and 128 concurrent sessions (method and raw numbers printed).
 
-    python bench/throughput.py [--sessions 1 8 32 128] [--seconds 10] [--appendfsync everysec]
+    python bench/throughput.py [--sessions 1 8 32 128] [--seconds 10] [--appendfsync everysec] [--json out.json]
 
 Each session has its own local worker subprocess; producers are separate processes (4 at most, each driving its
-share of the sessions with one thread per session, each thread running `true` back to back). Reported: commands
-completed per second over the window, and the CPU time used by the whole machine (from /proc/stat) per command.
+share of the sessions with one thread per session, each thread running `true` back to back). Every worker answers
+a first `true` before the producers start, and every session has had a result plus 1 s of load before the window
+opens, so it holds steady state only (no worker boot, no producer start). Reported: commands completed per second
+within the window, and the CPU time used by the whole machine (from /proc/stat) in the window per command; the
+JSON also has each session's commands in the window.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,6 +34,9 @@ from roundtrip import start_redis  # noqa: E402
 
 from producer import Client, ClientSettings  # noqa: E402
 
+BOOT_LIMIT = 300  # seconds all workers of a point may take to boot
+WARMUP = 1.0  # seconds of load before the window opens
+
 
 def cpu_seconds() -> float:
     """Busy CPU seconds of the whole machine so far (user + nice + system + irq + softirq), /proc/stat."""
@@ -36,28 +45,31 @@ def cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def drive(url: str, sessions: list[str], seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    counts = [0] * len(sessions)
-    deadline = time.monotonic() + seconds
+def drive(url: str, sessions: list[tuple[int, str]], counts: Any, stop: Any) -> None:
+    """One producer process: a thread per session running `true` back to back, adding up results in `counts`."""
+    failed: list[Exception] = []
 
     def loop(i: int, name: str) -> None:
         s = Client(url).session(name)
-        while time.monotonic() < deadline:
-            s.run("true", timeout=30)
-            counts[i] += 1
+        try:
+            while not stop.is_set():
+                s.run("true", timeout=30)
+                counts[i] += 1
+        except Exception as e:
+            failed.append(e)
+            raise
 
-    threads = [threading.Thread(target=loop, args=(i, n)) for i, n in enumerate(sessions)]
+    threads = [threading.Thread(target=loop, args=(i, name)) for i, name in sessions]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    out.put(sum(counts))
+    sys.exit(1 if failed else 0)
 
 
-def measure(url: str, tmp: Path, n: int, seconds: float) -> tuple[float, float]:
-    names = [f"tp{n}-{i}" for i in range(n)]
+def start_workers(url: str, tmp: Path, names: list[str]) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "SHELLQ_REDIS_URL": url}
-    workers = [
+    return [
         subprocess.Popen(
             [sys.executable, "-m", "worker", "--log-level", "WARNING"],
             env={**env, "SHELLQ_SESSION": name, "SHELLQ_WORK_DIR": str(tmp / name)},
@@ -65,24 +77,64 @@ def measure(url: str, tmp: Path, n: int, seconds: float) -> tuple[float, float]:
         )
         for name in names
     ]
-    waiting = Client(settings=ClientSettings(redis_url=url, no_worker_after=300))  # 128 workers boot slowly on 2 cores
-    for name in names:
-        waiting.session(name).run("true", timeout=60)  # every worker is up
-    groups = [names[i::4] for i in range(min(4, n))]
-    out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    cpu0, t0 = cpu_seconds(), time.monotonic()
-    procs = [mp.Process(target=drive, args=(url, g, seconds, out)) for g in groups]
-    for p in procs:
-        p.start()
-    total = sum(out.get() for _ in procs)
-    for p in procs:
-        p.join()
-    wall, cpu = time.monotonic() - t0, cpu_seconds() - cpu0
-    for w in workers:
-        w.terminate()
-    for w in workers:
-        w.wait(timeout=30)
-    return total / wall, cpu / max(total, 1) * 1e6
+
+
+def wait_ready(url: str, names: list[str], workers: list[subprocess.Popen[bytes]]) -> None:
+    """Until every worker has answered a `true`: 128 workers take a minute or more to boot on 2 cores."""
+    client = Client(settings=ClientSettings(redis_url=url, no_worker_after=BOOT_LIMIT))
+    deadline = time.monotonic() + BOOT_LIMIT
+    for name, w in zip(names, workers, strict=True):
+        s = client.session(name)
+        while not s.worker_alive():
+            if w.poll() is not None:
+                raise RuntimeError(f"the worker of {name} exited with {w.returncode} before it served")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker of {name} did not start in {BOOT_LIMIT}s")
+            time.sleep(0.1)
+        s.run("true", timeout=60)
+
+
+def measure(url: str, tmp: Path, n: int, seconds: float) -> dict[str, Any]:
+    names = [f"tp{n}-{i}" for i in range(n)]
+    workers = start_workers(url, tmp, names)
+    counts = mp.Array("q", n, lock=False)  # results per session; each slot written by one thread only
+    stop = mp.Event()
+    groups = [[(i, names[i]) for i in range(k, n, 4)] for k in range(min(4, n))]
+    procs = [mp.Process(target=drive, args=(url, g, counts, stop)) for g in groups]
+    try:
+        wait_ready(url, names, workers)
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 60
+        while min(counts) == 0:  # every session's thread has had a result
+            if any(p.exitcode is not None for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError("the producers did not get going")
+            time.sleep(0.05)
+        time.sleep(WARMUP)
+        done0, cpu0, t0 = list(counts), cpu_seconds(), time.monotonic()
+        time.sleep(seconds)
+        done1, cpu1, t1 = list(counts), cpu_seconds(), time.monotonic()
+    finally:
+        stop.set()
+        for p in procs:
+            if p.pid is not None:
+                p.join()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=60)
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"a producer failed (exit codes {[p.exitcode for p in procs]})")
+    per_session = [b - a for a, b in zip(done0, done1, strict=True)]
+    total = sum(per_session)
+    return {
+        "sessions": n,
+        "window_s": t1 - t0,
+        "commands": total,
+        "commands_per_s": total / (t1 - t0),
+        "cpu_us_per_cmd": (cpu1 - cpu0) / max(total, 1) * 1e6,
+        "per_session": per_session,
+    }
 
 
 def main() -> None:
@@ -90,6 +142,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--appendfsync", default="everysec", choices=["everysec", "always"])
+    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shellq-tp-"))
     server, url, version = start_redis(tmp, args.appendfsync)
@@ -98,10 +151,20 @@ def main() -> None:
         f"AOF {args.appendfsync}; {args.seconds:g} s per point"
     )
     print(f"{'sessions':>8}{'commands/s':>12}{'cpu µs/cmd':>12}")
+    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
+    meta: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "redis": version}
+    meta |= {"aof": args.appendfsync, "seconds": args.seconds, "warmup_s": WARMUP}
+    results: dict[str, dict[str, Any]] = {}
     try:
         for n in args.sessions:
-            rate, cpu = measure(url, tmp, n, args.seconds)
-            print(f"{n:>8}{rate:>12.0f}{cpu:>12.0f}", flush=True)
+            r = measure(url, tmp, n, args.seconds)
+            results[str(n)] = r
+            print(f"{n:>8}{r['commands_per_s']:>12.0f}{r['cpu_us_per_cmd']:>12.0f}", flush=True)
+            if args.json:  # after every point, so the points measured survive a later one failing
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        if args.json:
+            print(f"raw numbers: {args.json}")
     finally:
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
