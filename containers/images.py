@@ -49,7 +49,7 @@ for wheel in sorted(src.glob("*.whl")):
     zipfile.ZipFile(wheel).extractall(dest)
     print("unpacked", wheel.name)
 # bytecode now, not in every new container (that compiled redis and pydantic at each start: +0.6 s, +MBs)
-sys.exit(not compileall.compile_dir(dest, quiet=1, workers=0))
+sys.exit(not compileall.compile_dir(dest, quiet=1))
 """
 
 LAUNCHER = """\
