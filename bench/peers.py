@@ -51,6 +51,7 @@ STATE_SET, STATE_CHECK, STATE_WANT = "export BENCH_A=1 && cd /tmp", "echo $BENCH
 SWEREX_IMAGE = "shellq-bench-swerex:latest"  # built by bench/swerex_image.sh
 Runner = Callable[[str], str]
 os.environ.setdefault("SWE_REX_LOG_STREAM_LEVEL", "WARNING")  # swe-rex logs DEBUG and INFO to stdout otherwise
+os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")  # mini-swe-agent prints a banner to stdout otherwise
 
 
 def measure(run: Runner, runs: int, warmup: int) -> dict[str, Any]:
@@ -75,8 +76,11 @@ def shellq_runner(url: str, session: str) -> Runner:
 
 
 def minisweagent_runner(image: str) -> tuple[Runner, Callable[[], None]]:
+    import logging
+
     from minisweagent.environments.docker import DockerEnvironment
 
+    logging.getLogger("minisweagent").setLevel(logging.WARNING)  # it logs each container start to stdout
     env = DockerEnvironment(image=image)
     return (lambda cmd: str(env.execute({"command": cmd})["output"])), env.cleanup
 
