@@ -146,7 +146,8 @@ def build(base: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, say: Callable[[str],
         launcher.chmod(0o755)
         say(f"docker build -t {tag} (FROM {base}) ...")
         image_id = ""
-        for chunk in client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base}, rm=True, decode=True):
+        args = {"BASE_IMAGE": base}
+        for chunk in client.api.build(path=str(context), tag=tag, buildargs=args, forcerm=True, decode=True):
             if "error" in chunk:
                 raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}")
             for line in str(chunk.get("stream", "")).splitlines():
