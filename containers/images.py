@@ -7,6 +7,7 @@ Any base with python3 >= 3.10 works (python:3.12-slim, a SWE-bench style image, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -25,9 +26,8 @@ from worker.errors import ShellqError
 DEFAULT_BASE = "python:3.12-slim"
 DEFAULT_TAG = "shellq-worker:latest"
 WORKER_PACKAGE = Path(worker.__file__).resolve().parent
-DEPENDENCIES = ["redis>=5.0", "hiredis>=2.0", "msgpack>=1.0", "pydantic>=2.5", "async-timeout>=4.0.3"]
-"""The worker's dependencies. async-timeout is redis' own on Python < 3.11.3; pip download decides such
-`python_full_version` markers by the host's Python, so it is named here."""
+DEPENDENCIES = ["hiredis>=3.0", "msgpack>=1.0", "pydantic>=2.5"]
+"""The worker's dependencies (its Redis client is worker/resp.py on hiredis: no redis-py in the image)."""
 
 DOCKERFILE = """\
 ARG BASE_IMAGE
@@ -112,8 +112,9 @@ def probe(client: docker.DockerClient, base: str) -> Platform:
 
 def wheelhouse(platform: Platform, say: Callable[[str], None]) -> Path:
     """Wheels of the worker's dependencies for the image's Python, cached per Python version and platform."""
-    version = f"{platform.major}.{platform.minor}.{platform.micro}"  # markers such as async-timeout's need the micro
-    cache = Path.home() / ".cache" / "shellq" / f"wheels-{version}-{platform.machine}-{platform.libc}"
+    version = f"{platform.major}.{platform.minor}.{platform.micro}"  # `python_full_version` markers need the micro
+    wanted = hashlib.sha256(" ".join(DEPENDENCIES).encode()).hexdigest()[:8]  # a new list gets a new wheelhouse
+    cache = Path.home() / ".cache" / "shellq" / f"wheels-{version}-{platform.machine}-{platform.libc}-{wanted}"
     if not any(cache.glob("pydantic_core-*.whl")):
         say(f"downloading wheels for Python {version} ({platform.machine}) into {cache}")
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(cache)]

@@ -8,8 +8,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import redis
+if TYPE_CHECKING:  # redis-py is imported where it is used: the worker image, where the shell tests run, lacks it
+    import redis
 
 
 class RedisServer:
@@ -25,6 +27,8 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
         args += ["--save", "", "--appendonly", "no", *extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -43,6 +47,8 @@ class RedisServer:
             self.proc.wait()
 
     def client(self) -> redis.Redis:
+        import redis
+
         return redis.Redis.from_url(self.url)
 
 

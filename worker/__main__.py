@@ -8,9 +8,7 @@ import signal
 import sys
 from types import FrameType
 
-import redis
-
-from worker.errors import ShellqError
+from worker.errors import RedisUnavailableError, ShellqError
 from worker.loop import EXIT_CONFIG, EXIT_REDIS, Worker
 from worker.settings import WorkerSettings
 
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return worker.serve(max_commands=args.max_commands)
-    except redis.ConnectionError as e:
+    except RedisUnavailableError as e:
         log.error("cannot reach Redis at %s: %s", settings.redis_url, e)
         return EXIT_REDIS
 

@@ -8,10 +8,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from worker import protocol
-from worker.errors import ShellqError
+from worker.errors import RedisUnavailableError, ShellqError
 from worker.protocol import ControlRequest, DecodeError
 
 if TYPE_CHECKING:
@@ -37,17 +35,16 @@ class Control(threading.Thread):
         while not w.stopping.is_set() or w.running:
             try:
                 w.renewed(self.store.beat(w.heartbeat_fields()))
-                reply: Any = self.store.redis.xread({self.store.keys.ctl: last}, block=int(s.heartbeat * 1000))
-                for _, entries in reply or []:
-                    for eid, fields in entries:
-                        last = eid.decode()
-                        self._on_message(fields, fresh=int(last.split("-")[0]) >= started)
+                block = int(s.heartbeat * 1000)
+                reply: Any = self.store.redis.call("XREAD", "BLOCK", block, "STREAMS", self.store.keys.ctl, last)
+                for last, fields in protocol.stream_entries(reply):
+                    self._on_message(fields, fresh=int(last.split("-")[0]) >= started)
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + s.janitor_every
                     self.store.trim()
-            except (redis.ConnectionError, redis.TimeoutError):
+            except RedisUnavailableError:
                 time.sleep(min(1.0, s.heartbeat))  # the loop logs the outage and reconnects
-            except (redis.RedisError, ShellqError) as e:  # the loop meets the same problem and acts on it
+            except ShellqError as e:  # the loop meets the same problem and acts on it
                 log.warning("control thread: %s", e)
                 time.sleep(s.heartbeat)
 

@@ -5,6 +5,7 @@ ShellqError
 ├── InvalidRequestError(ShellqError, ValueError) a command that breaks a limit (too large, bad timeout)
 ├── QueueFullError                               the session's queue is at its cap
 ├── RedisUnavailableError(ShellqError, ConnectionError)  Redis cannot be reached (after retries)
+├── RedisReplyError                              Redis answered the worker's own client with an error
 ├── SessionStateLostError                        Redis came back without the session's consumer group
 ├── NoWorkerError                                nobody is serving the session: no live heartbeat
 └── ResultTimeoutError(ShellqError, TimeoutError) the wait for a result ran out (the command may still run)
@@ -31,6 +32,10 @@ class QueueFullError(ShellqError):
 
 class RedisUnavailableError(ShellqError, ConnectionError):
     """Redis could not be reached."""
+
+
+class RedisReplyError(ShellqError):
+    """An error reply from Redis to the worker's client (the producer's client raises redis-py's own)."""
 
 
 class SessionStateLostError(ShellqError):

@@ -21,11 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from worker import procs, protocol
 from worker.control import Control
-from worker.errors import ConfigError, FencedError, SessionStateLostError, ShellqError
+from worker.errors import (
+    ConfigError,
+    FencedError,
+    RedisReplyError,
+    RedisUnavailableError,
+    SessionStateLostError,
+    ShellqError,
+)
 from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings
 from worker.shell import Shell, ShellResult
@@ -76,7 +81,7 @@ class Worker:
                     if entry:
                         done += 1
                         self._process(entry, take_next=max_commands is None or done < max_commands)
-                except (redis.ConnectionError, redis.TimeoutError) as e:
+                except RedisUnavailableError as e:
                     if self.stopping.is_set():
                         raise  # stopping anyway; the exit code says Redis could not be reached
                     self._reconnect(e)
@@ -118,19 +123,19 @@ class Worker:
             self._control.join()
         self.shell.close()
         try:
-            self.store.redis.hset(self.store.keys.meta, mapping={"state": "stopped", "current": ""})
-        except redis.RedisError as e:
+            self.store.redis.call("HSET", self.store.keys.meta, "state", "stopped", "current", "")
+        except (RedisUnavailableError, RedisReplyError) as e:
             log.warning("could not record the stop: %s", e)
         self.store.close()
 
     # -- start and recovery ----------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        protocol.load_functions(self.store.redis)
+        self.store.load_functions()
         check_durability(self.store)
         self._wait_for_lease()
         self.store.open_session(self.work_dir / ".shellq-session")
-        previous = self.store.redis.hget(self.store.keys.meta, "shell_epoch")
+        previous = self.store.redis.call("HGET", self.store.keys.meta, "shell_epoch")
         if previous is not None:  # a new worker means a new bash: its epoch continues the session's count
             self.shell.epoch = max(self.shell.epoch, int(previous) + 1)
         self.renewed(self.store.beat(self.heartbeat_fields()))
@@ -152,8 +157,8 @@ class Worker:
 
     def _kill_predecessor(self) -> None:
         """A predecessor on this machine that lost the lease (paused, say) must not go on running its command."""
-        meta = self.store.redis.hmget(self.store.keys.meta, "host", "pid", "shell_pid")
-        host, pid, shell_pid = (v.decode() if v else None for v in meta)  # type: ignore[union-attr]
+        meta = self.store.redis.call("HMGET", self.store.keys.meta, "host", "pid", "shell_pid")
+        host, pid, shell_pid = (v.decode() if v else None for v in meta)
         if host != HOST or not shell_pid or not pid or pid == str(os.getpid()):
             return
         shell = procs.stat(int(shell_pid))
@@ -181,7 +186,7 @@ class Worker:
             self.store.commit(entry_id, _result(cid, entry_id, "lost", "the entry was trimmed before it ran"))
             return
         cid = protocol.command_id(entry_id, fields)
-        if self.store.redis.hexists(self.store.keys.jrnl(cid), "res"):
+        if self.store.redis.call("HEXISTS", self.store.keys.jrnl(cid), "res"):
             self.store.commit(entry_id, _result(cid, entry_id, "interrupted", ""))  # only acknowledges
             return
         idempotent = fields.get(b"idempotent") in (b"1", b"true")
@@ -228,7 +233,7 @@ class Worker:
                 else:
                     self.store.commit(entry[0], result)
                 break
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except RedisUnavailableError as e:
                 self._reconnect(e, holding=True)  # a result to commit: wait for Redis even when stopping
         if result.status != "completed":
             log.info("command %s: %s %s", result.id, result.status, result.error or "")
@@ -291,9 +296,9 @@ class Worker:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
-                self.store.redis.ping()
+                self.store.redis.call("PING")
                 break
-            except (redis.ConnectionError, redis.TimeoutError):
+            except RedisUnavailableError:
                 continue
         log.info("Redis is back after %.1fs", time.monotonic() - went)
         self.store.check_session()
@@ -309,7 +314,7 @@ class Worker:
         try:
             answered = self.store.mark_lost(reason)
             log.error("answered %d queued commands 'unavailable'", answered)
-        except (redis.RedisError, ShellqError) as e:
+        except ShellqError as e:
             log.warning("could not record the loss: %s", e)
 
     def _fault(self, step: str) -> None:

@@ -15,14 +15,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from redis import Redis
-from redis import exceptions as redis_errors
 
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 WIRE_VERSION = 1
 MAX_ENTRY_BYTES = 1 << 20
@@ -245,28 +246,6 @@ def entry_size(fields: dict[bytes, bytes]) -> int:
 
 FUNCTIONS = (Path(__file__).with_name("functions.lua")).read_text()
 """The Redis Functions library `shellq`: submit, commit, heartbeat and liveness, each one atomic step."""
-
-
-def roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
-    """Send `commands` in one write on `conn` (a redis-py connection) and read their replies, as a pipeline would
-    but without redis-py's client layer (80 µs a call on the hot path). Replies are raw (RESP3 once the connection
-    said HELLO 3); the first error reply is raised once every reply has been read. A connection or timeout error
-    closes `conn` (the next use reconnects)."""
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))
-        replies, error = [], None
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis_errors.ResponseError as e:
-                error = error or e
-                replies.append(None)
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-        conn.disconnect()
-        raise
-    if error is not None:
-        raise error
-    return replies
 
 
 def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:

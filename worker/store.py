@@ -10,12 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from worker import protocol
-from worker.errors import ConfigError, FencedError, SessionStateLostError
+from worker import protocol, resp
+from worker.errors import ConfigError, FencedError, RedisReplyError, RedisUnavailableError, SessionStateLostError
 from worker.protocol import CommandResult
 from worker.settings import WorkerSettings
 
@@ -26,17 +22,17 @@ CONSUMER = "worker"
 Entry = tuple[str, dict[bytes, bytes] | None]
 
 
-def connect(url: str, password_file: Path | None = None, name: str | None = None) -> redis.Redis:
-    """A Redis client for `url` whose connections are called `name` (CLIENT SETNAME); the password, if any, comes
-    from `password_file`."""
-    options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 10}
-    options["client_name"] = name
-    # No retries inside redis-py: re-sending a take whose reply was lost would skip that command. The worker's own
-    # reconnect loop waits, notices a stop request, and picks up a taken command from its pending list.
-    options["retry"] = Retry(NoBackoff(), retries=0)
-    if password_file:
-        options["password"] = password_file.read_text().strip()
-    return redis.Redis.from_url(url, **options)
+def connect(url: str, password_file: Path | None = None, name: str | None = None) -> resp.Redis:
+    """A client for `url` whose connections are called `name` (CLIENT SETNAME); the password, if any, comes from
+    `password_file`. It never retries by itself: re-sending a take whose reply was lost would skip that command. The
+    worker's own reconnect loop waits, notices a stop request, and picks up a taken command from its pending list."""
+    password = password_file.read_text().strip() if password_file else None
+    return resp.Redis(url, password=password, name=name, timeout=30, connect_timeout=5)
+
+
+def _pairs(flat: Any) -> dict[bytes, Any]:
+    """A RESP2 flat list of field, value, ... as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _entries(reply: Any) -> list[Entry]:
@@ -55,35 +51,30 @@ class SessionStore:
         self.token = settings.instance
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
-        self._loop_conn: Any = None
-
-    def _conn(self) -> Any:
-        """The loop's own connection for take and commit (the control thread uses the pool)."""
-        if self._loop_conn is None:
-            self._loop_conn = self.redis.connection_pool.get_connection()
-        return self._loop_conn
 
     def wake(self) -> None:
         """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
         blocking reads. Best effort: without the permission, the reads end within a second anyway."""
-        with contextlib.suppress(redis.RedisError):
-            clients: Any = self.redis.client_list()
-            for client in clients:
-                if client.get("name") == self.name and "xread" in client.get("cmd", ""):
-                    self.redis.client_unblock(int(client["id"]))
+        with contextlib.suppress(RedisUnavailableError, RedisReplyError):
+            for line in self.redis.call("CLIENT", "LIST").decode().splitlines():
+                client = dict(kv.partition("=")[::2] for kv in line.split(" "))
+                if client.get("name") == self.name and client.get("cmd") == "xread":
+                    self.redis.call("CLIENT", "UNBLOCK", client["id"])
 
     def close(self) -> None:
-        if self._loop_conn is not None:
-            self.redis.connection_pool.release(self._loop_conn)
-            self._loop_conn = None
         self.redis.close()
+
+    def load_functions(self) -> None:
+        """FUNCTION LOAD REPLACE shellq's library (idempotent)."""
+        self.redis.call("FUNCTION", "LOAD", "REPLACE", protocol.FUNCTIONS)
 
     # -- lease ---------------------------------------------------------------------------------------------------
 
     def acquire(self) -> int | None:
         """FCALL shellq_acquire: the fencing epoch if this worker holds the lease now, else None."""
+        k = self.keys
         reply: Any = self._call(
-            lambda: self.redis.fcall("shellq_acquire", 2, self.keys.lease, self.keys.meta, self.token, self._ttl_ms)
+            lambda: self.redis.call("FCALL", "shellq_acquire", 2, k.lease, k.meta, self.token, self._ttl_ms)
         )
         held, value = reply
         if not held:
@@ -97,7 +88,9 @@ class SessionStore:
         k = self.keys
         return bool(
             self._call(
-                lambda: self.redis.fcall("shellq_heartbeat", 2, k.lease, k.meta, self.token, self._ttl_ms, *args)
+                lambda: self.redis.call(
+                    "FCALL", "shellq_heartbeat", 2, k.lease, k.meta, self.token, self._ttl_ms, *args
+                )
             )
         )
 
@@ -108,7 +101,7 @@ class SessionStore:
         for attempt in (1, 2):
             try:
                 return step()
-            except redis.ResponseError as e:
+            except RedisReplyError as e:
                 if "NOGROUP" in str(e):
                     self.check_session()
                     raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group: {e}") from None
@@ -117,7 +110,7 @@ class SessionStore:
                     raise FencedError("this worker's lease was taken over; it stops") from None
                 if "Function not found" not in str(e) or attempt == 2:
                     raise
-                protocol.load_functions(self.redis)
+                self.load_functions()
                 self.check_session()
         raise AssertionError("unreachable")
 
@@ -126,12 +119,12 @@ class SessionStore:
     def open_session(self, marker: Path) -> None:
         """Create the consumer group at 0 the first time (noting it in meta and in `marker`, a file in the session
         directory); afterwards a missing group or meta means Redis lost the session's state: never re-create it."""
-        created = self.redis.hget(self.keys.meta, "group_created_ms")
+        created = self.redis.call("HGET", self.keys.meta, "group_created_ms")
         if created is None and not marker.exists():
-            self.redis.hset(self.keys.meta, "group_created_ms", int(time.time() * 1000))
+            self.redis.call("HSET", self.keys.meta, "group_created_ms", int(time.time() * 1000))
             try:
-                self.redis.xgroup_create(self.keys.cmd, protocol.GROUP, id="0", mkstream=True)
-            except redis.ResponseError as e:
+                self.redis.call("XGROUP", "CREATE", self.keys.cmd, protocol.GROUP, "0", "MKSTREAM")
+            except RedisReplyError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -141,26 +134,22 @@ class SessionStore:
 
     def check_session(self) -> None:
         """Raise SessionStateLostError unless the session's meta and consumer group exist (XINFO GROUPS)."""
-        if self.redis.hget(self.keys.meta, "group_created_ms") is None:
+        if self.redis.call("HGET", self.keys.meta, "group_created_ms") is None:
             raise SessionStateLostError(
                 f"session {self.settings.session}: Redis has no record of it (came back empty?)"
             )
-        try:
-            groups: Any = self.redis.xinfo_groups(self.keys.cmd)
-        except redis.ResponseError:
-            groups = []
-        if not any(g["name"] in (protocol.GROUP, protocol.GROUP.encode()) for g in groups):
+        if self._group() is None:
             raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group {protocol.GROUP!r}")
 
     def mark_lost(self, reason: str) -> int:
         """Record the loss in meta and answer every command now on the stream `unavailable`; returns how many."""
-        self.redis.hset(self.keys.meta, mapping={"state": "lost", "error": reason})
-        protocol.load_functions(self.redis)
-        self.redis.set(self.keys.lease, self.token, px=self._ttl_ms, nx=True)
-        if self.redis.get(self.keys.lease) != self.token.encode():
+        self.redis.call("HSET", self.keys.meta, "state", "lost", "error", reason)
+        self.load_functions()
+        self.redis.call("SET", self.keys.lease, self.token, "PX", self._ttl_ms, "NX")
+        if self.redis.call("GET", self.keys.lease) != self.token.encode():
             return 0  # another worker answers for the session
         answered = 0
-        for entry_id, fields in _entries([(None, self.redis.xrange(self.keys.cmd))]):
+        for entry_id, fields in _entries([(None, self.redis.call("XRANGE", self.keys.cmd, "-", "+"))]):
             cid = protocol.command_id(entry_id, fields or {})
             result = CommandResult(
                 id=cid, entry_id=entry_id, status="unavailable", error=f"session state lost: {reason}"
@@ -171,10 +160,9 @@ class SessionStore:
     def durability_problems(self) -> list[str]:
         """What makes this Redis lose accepted commands or results (INFO persistence, INFO memory)."""
         problems = []
-        info: Any = self.redis.info("persistence")
-        if not int(info.get("aof_enabled", 0)):
+        if self._info("persistence").get("aof_enabled", "0") == "0":
             problems.append("AOF is off: a Redis crash loses accepted commands and results")
-        policy = str(self.redis.info("memory").get("maxmemory_policy", "noeviction"))
+        policy = self._info("memory").get("maxmemory_policy", "noeviction")
         if policy != "noeviction":
             problems.append(f"maxmemory-policy is {policy}: Redis may evict a session's streams")
         return problems
@@ -188,19 +176,30 @@ class SessionStore:
         k = self.keys
         wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
         take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, self.token, protocol.GROUP, CONSUMER)
-        seen, reply = self._call(lambda: protocol.roundtrip(self._conn(), wait, take))
+        seen, reply = self._call(lambda: self.redis.pipeline(wait, take))
         entries, newer = _entries(reply), _entries(seen)
         if entries:
             return entries[0], entries[0][0]
         return None, newer[-1][0] if newer else after  # never wait again on an entry someone else took
 
     def last_delivered(self) -> str:
-        groups: Any = self.redis.xinfo_groups(self.keys.cmd)
-        for g in groups:
-            if g["name"] in (protocol.GROUP, protocol.GROUP.encode()):
-                value = g["last-delivered-id"]
-                return value.decode() if isinstance(value, bytes) else str(value)
-        raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group")
+        """The consumer group's last delivered entry id (XINFO GROUPS)."""
+        group = self._group()
+        if group is None:
+            raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group")
+        return str(group[b"last-delivered-id"].decode())
+
+    def _group(self) -> dict[bytes, Any] | None:
+        """The session's consumer group as XINFO GROUPS describes it; None when it (or the stream) is gone."""
+        try:
+            groups: Any = self.redis.call("XINFO", "GROUPS", self.keys.cmd)
+        except RedisReplyError:
+            return None
+        return next((g for g in map(_pairs, groups) if g.get(b"name") == protocol.GROUP.encode()), None)
+
+    def _info(self, section: str) -> dict[str, str]:
+        text: bytes = self.redis.call("INFO", section)
+        return dict(line.partition(":")[::2] for line in text.decode().splitlines() if ":" in line)
 
     def pending(self) -> tuple[list[Entry], list[str]]:
         """Every entry delivered but not acknowledged, oldest first, claimed to this worker (XAUTOCLAIM, then
@@ -208,21 +207,21 @@ class SessionStore:
         deleted: list[str] = []
         cursor = "0-0"
         while True:
-            reply: Any = self.redis.xautoclaim(self.keys.cmd, protocol.GROUP, CONSUMER, 0, cursor, count=100)
-            cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-            deleted += [d.decode() if isinstance(d, bytes) else d for d in (reply[2] if len(reply) > 2 else [])]
+            reply: Any = self.redis.call("XAUTOCLAIM", self.keys.cmd, protocol.GROUP, CONSUMER, 0, cursor, "COUNT", 100)
+            cursor = reply[0].decode()
+            deleted += [d.decode() for d in (reply[2] if len(reply) > 2 else [])]
             if cursor == "0-0":
                 break
-        own: Any = self.redis.xreadgroup(protocol.GROUP, CONSUMER, {self.keys.cmd: "0"})
+        own: Any = self.redis.call("XREADGROUP", "GROUP", protocol.GROUP, CONSUMER, "STREAMS", self.keys.cmd, "0")
         return _entries(own), deleted
 
     def attempt(self, command_id: str) -> int:
         """HINCRBY jrnl:<id> attempts: how many times this command has now been started (for idempotent ones)."""
-        return int(self.redis.hincrby(self.keys.jrnl(command_id), "attempts", 1))
+        return int(self.redis.call("HINCRBY", self.keys.jrnl(command_id), "attempts", 1))
 
     def command_id_of(self, entry_id: str) -> str:
         """The command id an entry was submitted with (GET jrnl:<entry id>), else the entry id itself."""
-        raw: Any = self.redis.get(self.keys.jrnl(entry_id))
+        raw: Any = self.redis.call("GET", self.keys.jrnl(entry_id))
         return raw.decode() if raw else entry_id
 
     def commit(self, entry_id: str, result: CommandResult, checked: bool = True) -> bool:
@@ -231,7 +230,7 @@ class SessionStore:
         call = self._commit_call(entry_id, result)
 
         def step() -> Any:
-            return protocol.roundtrip(self._conn(), call)[0]
+            return self.redis.call(*call)
 
         return bool((self._call(step) if checked else step())[0])
 
@@ -239,7 +238,7 @@ class SessionStore:
         """FCALL shellq_commit and, in the same round trip, FCALL shellq_take: the next command if one is queued
         (it counts as started from now, like any take)."""
         take = ("FCALL", "shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER)
-        _, reply = self._call(lambda: protocol.roundtrip(self._conn(), self._commit_call(entry_id, result), take))
+        _, reply = self._call(lambda: self.redis.pipeline(self._commit_call(entry_id, result), take))
         entries = _entries(reply)
         return entries[0] if entries else None
 
@@ -253,12 +252,11 @@ class SessionStore:
         """Retention: results older than `results_max_age` go (XTRIM MINID ~); commands too, but never at or above
         the oldest unsettled one (pending, or not yet delivered)."""
         cutoff = f"{int(time.time() * 1000) - int(self.settings.results_max_age * 1000)}-0"
-        self.redis.xtrim(self.keys.res, minid=cutoff, approximate=True)
-        summary: Any = self.redis.xpending(self.keys.cmd, protocol.GROUP)
-        keep_from = summary["min"] if summary and summary.get("pending") else None
-        keep_from = keep_from.decode() if isinstance(keep_from, bytes) else keep_from
+        self.redis.call("XTRIM", self.keys.res, "MINID", "~", cutoff)
+        count, oldest, *_ = self.redis.call("XPENDING", self.keys.cmd, protocol.GROUP)
+        keep_from = oldest.decode() if count and oldest else None
         floor = min(cutoff, keep_from or self.last_delivered(), key=protocol.entry_key)
-        self.redis.xtrim(self.keys.cmd, minid=floor, approximate=True)
+        self.redis.call("XTRIM", self.keys.cmd, "MINID", "~", floor)
 
 
 def check_durability(store: SessionStore) -> None:

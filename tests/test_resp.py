@@ -1,0 +1,102 @@
+"""The worker's own Redis client (worker/resp.py) against a real server: URLs, passwords, errors, outages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import redis
+from helpers import RedisServer, server_binaries
+
+from worker import resp
+from worker.errors import ConfigError, RedisReplyError, RedisUnavailableError
+from worker.store import connect
+
+PASSWORD = "s3cret pass/word"  # a space and a slash: the URL form must be quoted, the file form not
+Open = Callable[[resp.Redis], resp.Redis]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    kind, binary = next(iter(server_binaries().items()))
+    s = RedisServer(kind, binary, tmp_path)
+    s.start("--unixsocket", str(tmp_path / "redis.sock"), "--unixsocketperm", "700")
+    require_password(s)
+    yield s
+    s.stop()
+
+
+def require_password(server: RedisServer) -> None:
+    with redis.Redis(port=server.port) as r:
+        r.config_set("requirepass", PASSWORD)
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[[resp.Redis], resp.Redis]]:
+    """Close every client a test made."""
+    clients: list[resp.Redis] = []
+    yield lambda client: clients.append(client) or client  # type: ignore[func-returns-value]
+    for client in clients:
+        client.close()
+
+
+def admin(server: RedisServer, key: str, db: int = 0) -> bytes | None:
+    """GET `key` in `db` through redis-py."""
+    with redis.Redis(port=server.port, password=PASSWORD, db=db) as r:
+        return r.get(key)  # type: ignore[return-value]
+
+
+def test_password_in_the_url_and_a_database_number(server: RedisServer, opened: Open) -> None:
+    client = opened(resp.Redis(f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/3"))
+    client.call("SET", "k", "in db 3")
+    assert admin(server, "k", db=3) == b"in db 3"
+    assert admin(server, "k", db=0) is None
+
+
+def test_password_file_and_an_acl_user(server: RedisServer, tmp_path: Path, opened: Open) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    client = opened(connect(f"redis://127.0.0.1:{server.port}/0", secret))
+    client.call("ACL", "SETUSER", "agent", "on", ">agent-pw", "~*", "+@all")
+    agent = opened(resp.Redis(f"redis://agent:agent-pw@127.0.0.1:{server.port}/0"))
+    assert agent.call("ACL", "WHOAMI") == b"agent"
+
+
+def test_a_wrong_password_is_a_configuration_error(server: RedisServer, opened: Open) -> None:
+    with pytest.raises(ConfigError, match="refused the connection setup"):
+        opened(resp.Redis(f"redis://:wrong@127.0.0.1:{server.port}/0")).call("PING")
+
+
+def test_unix_socket_url(server: RedisServer, tmp_path: Path, opened: Open) -> None:
+    client = opened(resp.Redis(f"unix://{tmp_path / 'redis.sock'}?db=2", password=PASSWORD, name="shellq-test"))
+    client.call("SET", "k", "over the socket")
+    assert admin(server, "k", db=2) == b"over the socket"
+    assert b"name=shellq-test" in client.call("CLIENT", "LIST")
+
+
+def test_an_error_reply_is_raised_and_the_connection_goes_on(server: RedisServer, opened: Open) -> None:
+    client = opened(resp.Redis(server.url, password=PASSWORD))
+    with pytest.raises(RedisReplyError, match="wrong number of arguments"):
+        client.pipeline(("PING",), ("XADD", "only-a-key"), ("SET", "after", "1"))
+    assert admin(server, "after") == b"1"  # the commands after the failing one ran
+    assert client.call("PING") == b"PONG"
+
+
+def test_an_outage_names_the_server_and_the_next_call_reconnects(server: RedisServer, opened: Open) -> None:
+    client = opened(resp.Redis(server.url, password=PASSWORD))
+    client.call("SET", "k", "before")
+    server.stop()
+    with pytest.raises(RedisUnavailableError):
+        client.call("GET", "k")  # the socket that was open: reset or closed
+    with pytest.raises(RedisUnavailableError, match=f"connecting to 127.0.0.1:{server.port}"):
+        client.call("GET", "k")
+    server.start()
+    require_password(server)
+    assert client.call("PING") == b"PONG"
+
+
+def test_unsupported_url_schemes_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unsupported Redis URL scheme"):
+        resp.Redis("http://localhost:6379")
