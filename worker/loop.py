@@ -214,8 +214,8 @@ class Worker:
         return entry
 
     def _process(self, entry: Entry, counted: bool = False, take_next: bool = False) -> None:
-        """Run one command and commit its result; `take_next` takes the next queued command in the same round trip
-        (taken, it is run even when a stop comes first: it counts as started)."""
+        """Run one command and commit its result; `take_next` waits for the next command and takes it in the same
+        round trip (taken, it is run even when a stop comes first: it counts as started)."""
         self._taken += 1
         self._started[entry[0]] = None
         if len(self._started) > 1000:
@@ -225,11 +225,12 @@ class Worker:
         self._fault("ran")
         while True:
             try:
-                if take_next and not self._backlog and not self.stopping.is_set():
-                    queued = self.store.commit_and_take(entry[0], result)
+                fresh = time.monotonic() < self._lease_fresh_until
+                if take_next and fresh and not self._backlog and not self.stopping.is_set():
+                    block = self.settings.block_ms
+                    queued, self._last = self.store.commit_and_take(entry[0], result, self._last, block)
                     if queued:
                         self._backlog.append(queued)
-                        self._last = queued[0]
                 else:
                     self.store.commit(entry[0], result)
                 break

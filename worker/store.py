@@ -169,14 +169,16 @@ class SessionStore:
 
     # -- commands ------------------------------------------------------------------------------------------------
 
-    def take(self, after: str, block_ms: int) -> tuple[Entry | None, str]:
+    def take(self, after: str, block_ms: int, commit: tuple[Any, ...] | None = None) -> tuple[Entry | None, str]:
         """Wait until the command stream has an entry newer than `after` (XREAD BLOCK), then FCALL shellq_take: the
         next new command, delivered to this lease holder (it counts as started from now). One round trip: Redis
-        runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts."""
+        runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts.
+        A `commit` (see `commit_and_take`) goes first in the same round trip."""
         k = self.keys
         wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
         take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, self.token, protocol.GROUP, CONSUMER)
-        seen, reply = self._call(lambda: self.redis.pipeline(wait, take))
+        calls = (commit, wait, take) if commit else (wait, take)
+        *_, seen, reply = self._call(lambda: self.redis.pipeline(*calls))
         entries, newer = _entries(reply), _entries(seen)
         if entries:
             return entries[0], entries[0][0]
@@ -234,13 +236,13 @@ class SessionStore:
 
         return bool((self._call(step) if checked else step())[0])
 
-    def commit_and_take(self, entry_id: str, result: CommandResult) -> Entry | None:
-        """FCALL shellq_commit and, in the same round trip, FCALL shellq_take: the next command if one is queued
-        (it counts as started from now, like any take)."""
-        take = ("FCALL", "shellq_take", 2, self.keys.cmd, self.keys.lease, self.token, protocol.GROUP, CONSUMER)
-        _, reply = self._call(lambda: self.redis.pipeline(self._commit_call(entry_id, result), take))
-        entries = _entries(reply)
-        return entries[0] if entries else None
+    def commit_and_take(
+        self, entry_id: str, result: CommandResult, after: str, block_ms: int
+    ) -> tuple[Entry | None, str]:
+        """FCALL shellq_commit, and in the same round trip the wait for the next command and its take (see `take`):
+        the worker waits again before its producer even has the result, so the next submit wakes it at once and
+        the take shares that submit's step in Redis (one fsync, with AOF always, not two)."""
+        return self.take(after, block_ms, commit=self._commit_call(entry_id, result))
 
     def _commit_call(self, entry_id: str, result: CommandResult) -> tuple[Any, ...]:
         s, k = self.settings, self.keys
