@@ -142,7 +142,7 @@ def swerex_docker_runner(image: str) -> tuple[Runner, Callable[[], None], float]
     return run, stop, start_ms
 
 
-def main() -> None:  # noqa: PLR0915 (one system after another)
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=200, help="timed runs per command for the fast systems")
     ap.add_argument("--slow-runs", type=int, default=30, help="timed runs per command for docker-exec-based ones")
@@ -203,14 +203,19 @@ def main() -> None:  # noqa: PLR0915 (one system after another)
         cleanups.append(stop)
         results["swe-rex docker"] = {**measure(run, args.slow_runs, 3), "start_ms": start_ms}
     finally:
-        for cleanup in reversed(cleanups):
-            try:
-                cleanup()
-            except Exception as e:  # a peer's teardown must not hide the numbers
-                print(f"cleanup: {e}", file=sys.stderr)
+        run_cleanups(cleanups)
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     report(results, redis_version, engine.version().get("Version", "?"), args.json)
+
+
+def run_cleanups(cleanups: list[Callable[[], None]]) -> None:
+    """Undo what the systems set up, newest first; a peer's failing teardown must not hide the numbers."""
+    for cleanup in reversed(cleanups):
+        try:
+            cleanup()
+        except Exception as e:
+            print(f"cleanup: {e}", file=sys.stderr)
 
 
 def report(results: dict[str, Any], redis_version: str, docker_version: str, path: Path) -> None:

@@ -254,11 +254,7 @@ def main() -> None:
             cleanups.append(stop)
             results["swe-rex docker"] = measure(run, box_roots)
     finally:
-        for cleanup in reversed(cleanups):
-            try:
-                cleanup()
-            except Exception as e:  # a peer's teardown must not hide the numbers
-                print(f"cleanup: {e}", file=sys.stderr)
+        peers.run_cleanups(cleanups)
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     report(results, left_out, redis_version, engine.version().get("Version", "?"), args)
