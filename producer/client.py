@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -77,6 +80,8 @@ class Client:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self._functions_loaded = False
+        self._local = threading.local()
+        self._own: weakref.WeakSet[Any] = weakref.WeakSet()  # the hot path's connections, one per thread
 
     @classmethod
     def from_env(cls) -> Client:
@@ -88,6 +93,8 @@ class Client:
         return Session(self, session_id)
 
     def close(self) -> None:
+        for conn in list(self._own):
+            conn.disconnect()
         self.redis.close()
 
     def __enter__(self) -> Client:
@@ -97,18 +104,23 @@ class Client:
         self.close()
 
     def send(self, *commands: tuple[Any, ...]) -> list[Any]:
-        """Send `commands` pipelined on a pooled connection and return their raw replies, retrying a connection
-        that fails like every other call does (resending is safe: submits are idempotent by id)."""
-        pool = self.redis.connection_pool
-        conn: Any = pool.get_connection()
-        try:
-            with _redis_errors(self.settings.redis_url):
-                replies: list[Any] = conn.retry.call_with_retry(
-                    lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
-                )
-                return replies
-        finally:
-            pool.release(conn)
+        """Send `commands` pipelined on this thread's connection and return their raw replies, retrying a
+        connection that fails like every other call does (resending is safe: submits are idempotent by id)."""
+        conn = self._connection()
+        with _redis_errors(self.settings.redis_url):
+            replies: list[Any] = conn.retry.call_with_retry(
+                lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
+            )
+            return replies
+
+    def _connection(self) -> Any:
+        """This thread's own connection for the hot path, made like the pool's (taking one from the pool and
+        giving it back costs more than the rest of a submit's client side). A forked child makes its own."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.pid != os.getpid():
+            conn = self._local.conn = self.redis.connection_pool.make_connection()
+            self._own.add(conn)
+        return conn
 
     def ensure_functions(self, again: bool = False) -> None:
         """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE); `again` after
@@ -315,7 +327,7 @@ def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
     """Send `commands` in one write on `conn` (a redis-py connection) and read their replies, as a pipeline would
     but without redis-py's client layer (80 µs a call on the hot path). Replies are raw (RESP3 once the connection
     said HELLO 3); the first error reply is raised once every reply has been read. A connection or timeout error
-    closes `conn` (the next use reconnects)."""
+    (or anything else that stops the read half way) closes `conn` (the next use reconnects)."""
     try:
         conn.send_packed_command(conn.pack_commands(commands))
         replies, error = [], None
@@ -325,7 +337,7 @@ def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
             except redis.ResponseError as e:
                 error = error or e
                 replies.append(None)
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+    except BaseException:  # unread replies would answer the next call: start that one on a new connection
         conn.disconnect()
         raise
     if error is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -95,6 +97,18 @@ def test_an_outage_names_the_server_and_the_next_call_reconnects(server: RedisSe
     server.start()
     require_password(server)
     assert client.call("PING") == b"PONG"
+
+
+def test_a_server_that_stops_answering_is_an_outage_after_the_timeout(server: RedisServer, opened: Open) -> None:
+    client = opened(resp.Redis(server.url, password=PASSWORD, timeout=0.5))
+    client.call("SET", "k", "before")
+    os.kill(server.proc.pid, signal.SIGSTOP)  # connected, but nothing comes back
+    try:
+        with pytest.raises(RedisUnavailableError):
+            client.call("GET", "k")
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert client.call("GET", "k") == b"before"  # a new connection: no late reply is taken for this one
 
 
 def test_unsupported_url_schemes_are_refused() -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger("shellq.worker")
 EXIT_OK, EXIT_CONFIG, EXIT_STATE_LOST, EXIT_REDIS, EXIT_FENCED = 0, 2, 3, 4, 5
 POISON_AFTER = 2
 """An idempotent command is started at most this many times; one that killed the worker each time is poison."""
+_SHELL_FIELDS = tuple(f.name for f in dataclasses.fields(ShellResult))
 HOST = f"{socket.gethostname()}/{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}"
 
 
@@ -274,7 +275,7 @@ class Worker:
         return self._from_shell(cid, entry_id, r)
 
     def _from_shell(self, cid: str, entry_id: str, r: ShellResult) -> CommandResult:
-        fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+        fields = {name: getattr(r, name) for name in _SHELL_FIELDS}
         fields["duration_ms"] = round(r.duration_ms, 3)
         if r.status == "cancelled" and self._terminated:
             fields.update(status="interrupted", exit_code=None, error="the worker was stopped while the command ran")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import time
@@ -42,14 +43,15 @@ def all_procs() -> list[Proc]:
     return procs
 
 
+@functools.cache
+def _ns_last_pid() -> int:
+    return os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def last_pid() -> int | None:
-    """The pid most recently handed out in this pid namespace (/proc/sys/kernel/ns_last_pid)."""
+    """The pid most recently handed out in this pid namespace (/proc/sys/kernel/ns_last_pid, kept open)."""
     try:
-        fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY)
-        try:
-            return int(os.read(fd, 32))
-        finally:
-            os.close(fd)
+        return int(os.pread(_ns_last_pid(), 32, 0))
     except (OSError, ValueError):
         return None
 

@@ -201,15 +201,15 @@ M = TypeVar("M", bound=WireModel)
 def encode(model: WireModel) -> dict[str, bytes]:
     """The flat field map of a model for XADD; None fields are left out."""
     out = {}
-    for name, value in model:
+    for name, value in model.__dict__.items():  # the fields, in order (extra="forbid": nothing else)
         if value is None:
             continue
-        if name in model.wire_packed:
-            out[name] = msgpack.packb(value)
-        elif isinstance(value, bool):
+        if value is True or value is False:
             out[name] = b"1" if value else b"0"
         elif isinstance(value, bytes):
             out[name] = value
+        elif name in model.wire_packed:
+            out[name] = msgpack.packb(value)
         else:
             out[name] = str(value).encode()
     return out

@@ -17,7 +17,6 @@ import fcntl
 import math
 import os
 import re
-import secrets
 import select
 import shlex
 import shutil
@@ -47,6 +46,9 @@ SHELL_ENV_DEFAULTS = {
 _ENV_DROPPED = ("BASH_ENV", "ENV", "PROMPT_COMMAND", "HISTFILE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TICK = 0.2  # seconds between checks that bash was not stopped
+_QUIET = 0.002
+"""Seconds a command runs before its output FIFOs are watched (read as they fill) rather than read at its end: a
+short command then wakes the worker once, with its report, not also for each FIFO bash closes before that."""
 
 # Runs in its own session; when the worker dies its stdin pipe closes and it kills every process of the shell's
 # session (bash and all jobs), so a successor never overlaps a command still running from its predecessor, and it
@@ -92,6 +94,9 @@ class _Bash:
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
         self.rundir = rundir = Path(tempfile.mkdtemp(prefix="shellq-", dir=base))  # tmpfs: per-command files are cheap
         self.cmd_file = rundir / "c"
+        self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
+        """bash's name for the command file in its messages, and what a terminal would show instead."""
         self.generation = 0
         self.out_path, self.err_path = self._make_fifos()
         r, w = os.pipe()
@@ -137,6 +142,13 @@ class _Bash:
         for p in (self.out_path, self.err_path):
             p.unlink(missing_ok=True)
         self.out_path, self.err_path = self._make_fifos()
+
+    def write_command(self, body: bytes) -> None:
+        """Put the command's text in the file bash sources (kept open: a write and a truncate per command)."""
+        view, at = memoryview(body), 0
+        while at < len(body):
+            at += os.pwrite(self.cmd_fd, view[at:], at)
+        os.ftruncate(self.cmd_fd, len(body))
 
     def send(self, line: bytes) -> bool:
         """Write one line of input to bash; False when bash is gone."""
@@ -190,6 +202,7 @@ class _Bash:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         os.close(self.report_r)
+        os.close(self.cmd_fd)
         shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 
@@ -329,7 +342,7 @@ class Shell:
 
     def _heredoc_problem(self, body: bytes) -> bytes | None:
         """bash runs a script whose heredoc never ends (with a warning); we refuse it, as a terminal would hang."""
-        self._bash.cmd_file.write_bytes(body)
+        self._bash.write_command(body)
         check = subprocess.run(
             ["bash", "--norc", "--noprofile", "-n", str(self._bash.cmd_file)],
             stdin=subprocess.DEVNULL,
@@ -340,23 +353,19 @@ class Shell:
         )
         if b"delimited by end-of-file" not in check.stderr:
             return None
-        prefix = f"{self._bash.cmd_file}: ".encode()
         lines = [line for line in check.stderr.splitlines(keepends=True) if b"delimited by end-of-file" in line]
-        return b"".join(lines).replace(prefix, b"bash: ") + b"shellq: not run: a here-document is not terminated\n"
+        return b"".join(lines).replace(*self._bash.rewrite) + b"shellq: not run: a here-document is not terminated\n"
 
     def _new_running(self, nonce: bytes, deadline: float, spool_name: str | None) -> _Running:
-        name = spool_name or f"{int(time.time())}-{self._seq}"
-        rewrite = (f"{self._bash.cmd_file}: ".encode(), b"bash: ")
-        run = _Running(nonce, OutputCapture(0), OutputCapture(0), {}, procs.last_pid(), deadline)
-
         def open_spool(stream: str) -> tuple[Path, int] | None:
             if run.spool_dir is None:
-                run.spool_dir = self._spool.open(name)
+                run.spool_dir = self._spool.open(spool_name or f"{int(time.time())}-{self._seq}")
             room = self._spool.room()
             return (run.spool_dir / stream, room) if room > 0 else None
 
-        run.out = OutputCapture(self.output_cap, lambda: open_spool("stdout"))
-        run.err = OutputCapture(self.output_cap, lambda: open_spool("stderr"), rewrite=rewrite)
+        out = OutputCapture(self.output_cap, lambda: open_spool("stdout"))
+        err = OutputCapture(self.output_cap, lambda: open_spool("stderr"), rewrite=self._bash.rewrite)
+        run = _Running(nonce, out, err, {}, procs.last_pid(), deadline)
         return run
 
     def _execute(
@@ -366,9 +375,10 @@ class Shell:
             self._bash.kill()
             self._bash = self._spawn()
         bash = self._bash
-        _write_file(bash.cmd_file, body)
+        bash.write_command(body)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
-        run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
+        # The nonce only tells this command's reports from stale ones: a command can read it in its own shell.
+        run = self._new_running(b"%x" % self._seq, deadline, spool_name)
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
             run.streams[os.open(path, os.O_RDONLY | os.O_NONBLOCK)] = capture
         if not bash.send(self._driver(run.nonce, env, cwd)):
@@ -409,14 +419,20 @@ class Shell:
         )
 
     def _wait(self, run: _Running) -> None:
-        """Read output and reports until the command is over, stepping through the escalation when it has to stop."""
+        """Read output and reports until the command is over, stepping through the escalation when it has to stop.
+        The output FIFOs are watched from `_QUIET` seconds on (a pipe holds 64 KiB until then)."""
         poller = select.poll()
-        for fd in (*run.streams, self._bash.report_r, self._wake_r):
+        for fd in (self._bash.report_r, self._wake_r):
             poller.register(fd, select.POLLIN)
+        watch_from = time.monotonic() + _QUIET
         while not run.done:
             now = time.monotonic()
-            wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK) - now
-            events = poller.poll(max(0, int(wait * 1000)))
+            if watch_from and now >= watch_from:
+                watch_from = 0.0
+                for fd in run.streams:  # not read here: a FIFO bash has not opened yet reads as EOF
+                    poller.register(fd, select.POLLIN)
+            wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK, watch_from or math.inf) - now
+            events = poller.poll(math.ceil(max(0.0, wait) * 1000))
             for fd, _ in events:
                 if fd in run.streams:
                     self._pump(fd, run, poller)
@@ -573,16 +589,6 @@ def _shell_env(extra: dict[str, str] | None) -> dict[str, str]:
     env.update(SHELL_ENV_DEFAULTS)
     env.update(extra or {})
     return env
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
 
 
 def _drain(fd: int) -> None:
