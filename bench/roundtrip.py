@@ -3,6 +3,8 @@
     python bench/roundtrip.py [--runs 2000] [--appendfsync everysec|always] [--json out.json]
 
 Measures, on this machine:
+  ping-pong    two processes passing one byte back and forth over two pipes: what one wake-up of another process
+               costs here, both ways (every shellq command needs about ten: producer, Redis, worker, bash)
   pipe bash    one `bash --norc --noprofile` behind plain pipes, no shellq code: write `true; echo __done__` to its
                stdin and read its stdout up to the marker (the physical floor of the shell part)
   shell        worker.shell.Shell.run("true") alone (no Redis)
@@ -108,6 +110,28 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def bench_ping_pong(runs: int) -> list[float]:
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        while os.read(to_child, 1) == b"x":
+            os.write(from_child, b"x")
+        os._exit(0)
+
+    def once() -> None:
+        os.write(from_parent, b"x")
+        os.read(to_parent, 1)
+
+    try:
+        return timed(once, runs)
+    finally:
+        os.write(from_parent, b"q")
+        os.waitpid(pid, 0)
+        for fd in (to_child, from_parent, to_parent, from_child):
+            os.close(fd)
+
+
 def bench_pipe_bash(runs: int) -> list[float]:
     bash = subprocess.Popen(["bash", "--norc", "--noprofile"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert bash.stdin is not None and bash.stdout is not None
@@ -160,6 +184,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     raw: dict[str, list[float]] = {}
 
+    raw["ping-pong"] = bench_ping_pong(args.runs)
     raw["pipe bash"] = bench_pipe_bash(args.runs)
     with Shell(work_dir=tmp / "shell") as sh:
         raw["shell"] = timed(lambda: sh.run("true"), args.runs)

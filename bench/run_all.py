@@ -200,6 +200,10 @@ FIGURES: list[tuple[str, Row]] = [  # without a target; each returns the measure
     ("worker RSS after a run of `true` commands", rss_after_commands),
     ("agent trajectory, total wall time", trajectory),
     (
+        "floor: one wake-up of another process and back (pipe ping-pong), p50",
+        lambda r: f"{summaries(r, 'everysec')['ping-pong']['p50'] * 1000:.0f} µs",
+    ),
+    (
         "floor: `true` to a bash behind plain pipes (no shellq, no Redis), p50",
         lambda r: ms(summaries(r, "everysec")["pipe bash"]["p50"]),
     ),

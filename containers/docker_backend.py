@@ -213,11 +213,12 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
     if holder and holder.decode() != instance:
         return 0  # a live worker elsewhere holds the session
     token = f"reaper:{uuid.uuid4().hex[:8]}"
+    protocol.load_functions(r)
     r.set(keys.lease, token, px=10_000)
     answered = 0
     pending: Any = r.xreadgroup(protocol.GROUP, "worker", {keys.cmd: "0"})
     while True:
-        fresh: Any = r.fcall("shellq_take", 2, keys.cmd, keys.lease, token, protocol.GROUP, "worker")
+        fresh: Any = r.fcall("shellq_take", 2, keys.cmd, keys.lease, protocol.CALLER, token, protocol.GROUP, "worker")
         if not fresh:
             break
         pending += fresh
@@ -227,7 +228,7 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
             entry_id = eid.decode()
             cid = protocol.command_id(entry_id, fields)
             result = protocol.CommandResult(id=cid, entry_id=entry_id, status="unavailable", error=reason)
-            args: list[Any] = [token, protocol.GROUP, entry_id, 7 * 86400, 10_000, cid]
+            args: list[Any] = [protocol.CALLER, token, protocol.GROUP, entry_id, 7 * 86400, 10_000, cid]
             for name, value in protocol.encode(result).items():
                 args += [name, value]
             r.fcall("shellq_commit", 5, keys.res, keys.jrnl(cid), keys.cmd, keys.lease, keys.meta, *args)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,8 +78,7 @@ class Client:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self._functions_loaded = False
-        self._local = threading.local()
-        self._own: weakref.WeakSet[Any] = weakref.WeakSet()  # the hot path's connections, one per thread
+        self._idle: list[Any] = []  # the hot path's connections not in use (list.pop and append are atomic)
 
     @classmethod
     def from_env(cls) -> Client:
@@ -93,8 +90,8 @@ class Client:
         return Session(self, session_id)
 
     def close(self) -> None:
-        for conn in list(self._own):
-            conn.disconnect()
+        while self._idle:
+            self._idle.pop().disconnect()
         self.redis.close()
 
     def __enter__(self) -> Client:
@@ -104,23 +101,22 @@ class Client:
         self.close()
 
     def send(self, *commands: tuple[Any, ...]) -> list[Any]:
-        """Send `commands` pipelined on this thread's connection and return their raw replies, retrying a
-        connection that fails like every other call does (resending is safe: submits are idempotent by id)."""
-        conn = self._connection()
+        """Send `commands` pipelined on a connection of the client's own and return their raw replies, retrying a
+        connection that fails like every other call does (resending is safe: submits are idempotent by id).
+        Connections are made like the pool's, but kept in a plain list: taking one from redis-py's pool and giving
+        it back cost more than the rest of a submit's client side."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self.redis.connection_pool.make_connection()
+        if conn.pid != os.getpid():  # made before a fork: the parent's socket is not ours to use
+            conn = self.redis.connection_pool.make_connection()
         with _redis_errors(self.settings.redis_url):
             replies: list[Any] = conn.retry.call_with_retry(
                 lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
             )
-            return replies
-
-    def _connection(self) -> Any:
-        """This thread's own connection for the hot path, made like the pool's (taking one from the pool and
-        giving it back costs more than the rest of a submit's client side). A forked child makes its own."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.pid != os.getpid():
-            conn = self._local.conn = self.redis.connection_pool.make_connection()
-            self._own.add(conn)
-        return conn
+        self._idle.append(conn)
+        return replies
 
     def ensure_functions(self, again: bool = False) -> None:
         """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE); `again` after
@@ -237,7 +233,8 @@ class Session:
         if size > protocol.MAX_ENTRY_BYTES:
             raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
         submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq)
-        submit += (settings.journal_ttl, settings.queue_cap, req.id, *(x for kv in fields.items() for x in kv))
+        submit += (protocol.CALLER, settings.journal_ttl, settings.queue_cap, req.id)
+        submit += tuple(x for kv in fields.items() for x in kv)
         commands = [submit]
         if read_from is not None:
             commands.append(("XREAD", "COUNT", _READ_COUNT, "BLOCK", 1000, "STREAMS", k.res, read_from))
@@ -247,6 +244,8 @@ class Session:
                 replies = self.client.send(*commands)
                 break
             except redis.ResponseError as e:
+                if refusal := protocol.version_refusal(e):
+                    raise refusal from None
                 if "Function not found" not in str(e) or attempt == 2:
                     raise
                 self.client.ensure_functions(again=True)
@@ -300,12 +299,14 @@ class Session:
         self.client.ensure_functions()
         with _redis_errors(self.client.settings.redis_url):
             try:
-                reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
+                reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta, protocol.CALLER)
             except redis.ResponseError as e:
+                if refusal := protocol.version_refusal(e):
+                    raise refusal from None
                 if "Function not found" not in str(e):
                     raise
                 self.client.ensure_functions(again=True)
-                reply = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta)
+                reply = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta, protocol.CALLER)
         now_ms, beat, state = reply
         return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
 

@@ -2,6 +2,12 @@
 -- shellq's atomic steps (DESIGN.md "Guarantees"). Each checks before it writes, so a replay changes nothing, and
 -- every step of a worker is fenced by its lease token: a worker that lost its lease can neither take nor commit.
 
+-- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
+-- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
+-- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
+local VERSION = 2
+local CALLER = 'shellq/' .. VERSION
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -101,9 +107,26 @@ local function alive(keys, args)
   return {now_ms(), meta[1], meta[2]}
 end
 
-redis.register_function('shellq_submit', submit)
-redis.register_function('shellq_take', take)
-redis.register_function('shellq_commit', commit)
-redis.register_function('shellq_acquire', acquire)
-redis.register_function('shellq_heartbeat', heartbeat)
-redis.register_function{function_name = 'shellq_alive', callback = alive, flags = {'no-writes'}}
+local function versioned(fn)
+  return function(keys, args)
+    if args[1] ~= CALLER then
+      return redis.error_reply('VERSION the shellq functions in Redis are version ' .. VERSION ..
+        '; the caller is another version of shellq (' .. tostring(args[1]) .. ')')
+    end
+    table.remove(args, 1)
+    return fn(keys, args)
+  end
+end
+
+-- -> the library's version
+local function version(keys, args)
+  return VERSION
+end
+
+redis.register_function('shellq_submit', versioned(submit))
+redis.register_function('shellq_take', versioned(take))
+redis.register_function('shellq_commit', versioned(commit))
+redis.register_function('shellq_acquire', versioned(acquire))
+redis.register_function('shellq_heartbeat', versioned(heartbeat))
+redis.register_function{function_name = 'shellq_alive', callback = versioned(alive), flags = {'no-writes'}}
+redis.register_function{function_name = 'shellq_version', callback = version, flags = {'no-writes'}}

@@ -246,6 +246,31 @@ def entry_size(fields: dict[bytes, bytes]) -> int:
 
 FUNCTIONS = (Path(__file__).with_name("functions.lua")).read_text()
 """The Redis Functions library `shellq`: submit, commit, heartbeat and liveness, each one atomic step."""
+FUNCTIONS_VERSION = int(re.search(r"^local VERSION = (\d+)$", FUNCTIONS, re.MULTILINE).group(1))  # type: ignore[union-attr]
+"""The library's version; raised with every change to functions.lua."""
+CALLER = f"shellq/{FUNCTIONS_VERSION}"
+"""The first argument of every FCALL: the library refuses a caller of another version (a VERSION error)."""
+
+
+def should_load_functions(loaded: int | None) -> bool:
+    """Does Redis need this shellq's library, given the version it has (`loaded`; None: none)? Raises ConfigError
+    when Redis has a newer one: loading ours over it would break the shellq that loaded it."""
+    if loaded is not None and loaded > FUNCTIONS_VERSION:
+        raise ConfigError(
+            f"Redis has shellq functions version {loaded}, newer than this shellq's ({FUNCTIONS_VERSION}): "
+            "upgrade this shellq; workers and producers of one Redis must run the same version"
+        )
+    return loaded != FUNCTIONS_VERSION
+
+
+def version_refusal(error: Exception) -> ConfigError | None:
+    """The ConfigError to raise for a VERSION error reply (the library in Redis is another version), else None."""
+    if not str(error).startswith("VERSION"):
+        return None
+    return ConfigError(
+        f"{str(error).removeprefix('VERSION ')}; this shellq speaks version {FUNCTIONS_VERSION}: workers and "
+        "producers of one Redis must run the same shellq version"
+    )
 
 
 def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -260,8 +285,18 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
 
 
 def load_functions(client: Redis) -> None:
-    """FUNCTION LOAD REPLACE the library (idempotent; persisted and replicated by Redis like data)."""
-    client.function_load(FUNCTIONS, replace=True)
+    """FCALL_RO shellq_version, then FUNCTION LOAD REPLACE the library unless Redis has this version (persisted and
+    replicated by Redis like data); ConfigError when Redis has a newer one."""
+    from redis import ResponseError
+
+    try:
+        loaded: int | None = int(client.fcall_ro("shellq_version", 0))
+    except ResponseError as e:
+        if "Function not found" not in str(e):
+            raise
+        loaded = None
+    if should_load_functions(loaded):
+        client.function_load(FUNCTIONS, replace=True)
 
 
 # -- settings ------------------------------------------------------------------------------------------------

@@ -65,8 +65,16 @@ class SessionStore:
         self.redis.close()
 
     def load_functions(self) -> None:
-        """FUNCTION LOAD REPLACE shellq's library (idempotent)."""
-        self.redis.call("FUNCTION", "LOAD", "REPLACE", protocol.FUNCTIONS)
+        """FCALL_RO shellq_version, then FUNCTION LOAD REPLACE shellq's library unless Redis has this version;
+        ConfigError when it has a newer one."""
+        try:
+            loaded: int | None = int(self.redis.call("FCALL_RO", "shellq_version", 0))
+        except RedisReplyError as e:
+            if "Function not found" not in str(e):
+                raise
+            loaded = None
+        if protocol.should_load_functions(loaded):
+            self.redis.call("FUNCTION", "LOAD", "REPLACE", protocol.FUNCTIONS)
 
     # -- lease ---------------------------------------------------------------------------------------------------
 
@@ -74,7 +82,9 @@ class SessionStore:
         """FCALL shellq_acquire: the fencing epoch if this worker holds the lease now, else None."""
         k = self.keys
         reply: Any = self._call(
-            lambda: self.redis.call("FCALL", "shellq_acquire", 2, k.lease, k.meta, self.token, self._ttl_ms)
+            lambda: self.redis.call(
+                "FCALL", "shellq_acquire", 2, k.lease, k.meta, protocol.CALLER, self.token, self._ttl_ms
+            )
         )
         held, value = reply
         if not held:
@@ -89,19 +99,21 @@ class SessionStore:
         return bool(
             self._call(
                 lambda: self.redis.call(
-                    "FCALL", "shellq_heartbeat", 2, k.lease, k.meta, self.token, self._ttl_ms, *args
+                    "FCALL", "shellq_heartbeat", 2, k.lease, k.meta, protocol.CALLER, self.token, self._ttl_ms, *args
                 )
             )
         )
 
     def _call(self, step: Callable[[], Any]) -> Any:
         """Run one fenced step. FENCED -> FencedError, unless the session's state is gone altogether
-        (SessionStateLostError). "Function not found" means Redis restarted without our library: load it again,
-        make sure the session's state survived, retry."""
+        (SessionStateLostError). VERSION (another shellq's library in Redis) -> ConfigError. "Function not found"
+        means Redis restarted without our library: load it again, make sure the session's state survived, retry."""
         for attempt in (1, 2):
             try:
                 return step()
             except RedisReplyError as e:
+                if refusal := protocol.version_refusal(e):
+                    raise refusal from None
                 if "NOGROUP" in str(e):
                     self.check_session()
                     raise SessionStateLostError(f"{self.keys.cmd} lost its consumer group: {e}") from None
@@ -176,7 +188,7 @@ class SessionStore:
         A `commit` (see `commit_and_take`) goes first in the same round trip."""
         k = self.keys
         wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
-        take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, self.token, protocol.GROUP, CONSUMER)
+        take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, protocol.CALLER, self.token, protocol.GROUP, CONSUMER)
         calls = (commit, wait, take) if commit else (wait, take)
         *_, seen, reply = self._call(lambda: self.redis.pipeline(*calls))
         entries, newer = _entries(reply), _entries(seen)
@@ -247,7 +259,7 @@ class SessionStore:
     def _commit_call(self, entry_id: str, result: CommandResult) -> tuple[Any, ...]:
         s, k = self.settings, self.keys
         call: tuple[Any, ...] = ("FCALL", "shellq_commit", 5, k.res, k.jrnl(result.id), k.cmd, k.lease, k.meta)
-        call += (self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen, result.id)
+        call += (protocol.CALLER, self.token, protocol.GROUP, entry_id, s.journal_ttl, s.results_maxlen, result.id)
         return call + tuple(x for kv in protocol.encode(result).items() for x in kv)
 
     def trim(self) -> None:
