@@ -34,6 +34,7 @@ RUNS = [
     ("Against the alternatives", ["peers.py", "--json", "RESULTS/peers.json"]),
     ("Containers: cold start and per command", ["containers.py", "--json", "RESULTS/containers.json"]),
     ("Agent trajectory (~50 commands)", ["trajectory.py", "--json", "RESULTS/trajectory.json"]),
+    ("Where a round trip goes", ["breakdown.py", "--json", "RESULTS/breakdown.json"]),
     ("Throughput", ["throughput.py", "--seconds", "8", "--json", "RESULTS/throughput.json"]),
     ("Cost per session", ["costs.py", "--json", "RESULTS/costs.json"]),
 ]
@@ -192,6 +193,17 @@ TARGETS: list[tuple[str, Row]] = [  # each returns (measured, met)
     ("worker idle RSS ≤ 40 MB", idle_rss),
     ("peak worker RSS under 100 MB of stdout ≤ 2x idle", peak_rss),
 ]
+
+
+def cpu_per_command(r: dict[str, Any]) -> str:
+    parts = []
+    for label, p in r["breakdown"].items():
+        each = ", ".join(f"{name} {x['cpu_us']:.0f}" for name, x in p["processes"].items())
+        total = sum(x["cpu_us"] for x in p["processes"].values())
+        parts.append(f"{label}: {total:.0f} µs ({each}), p50 {p['p50_ms']:.2f} ms")
+    return "; ".join(parts) + " (AOF everysec)"
+
+
 FIGURES: list[tuple[str, Row]] = [  # without a target; each returns the measured text
     ("aggregate throughput at 128 sessions", lambda r: throughput(r, 128)[0]),
     ("container teardown, until the container is gone", teardown),
@@ -208,6 +220,7 @@ FIGURES: list[tuple[str, Row]] = [  # without a target; each returns the measure
         lambda r: ms(summaries(r, "everysec")["pipe bash"]["p50"]),
     ),
     ("floor: bare Redis-stream echo (no shell), p50", stream_echo),
+    ("CPU per `true` round trip, all processes (producer, Redis, worker, bash)", cpu_per_command),
 ]
 MISSING = (LookupError, TypeError, ArithmeticError)  # a file, or a key in it, is not there
 
