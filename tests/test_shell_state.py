@@ -144,6 +144,16 @@ def test_user_functions_shadowing_builtins_do_not_break_the_session(shell: Shell
     assert run_ok(shell, "printenv SHELLQ_T_SHADOW").stdout == b"1\n"
 
 
+@pytest.mark.parametrize("removal", ["rm -rf {rundir}", "rm -f {rundir}/*"])
+def test_a_command_that_removes_the_shells_own_files_does_not_break_the_session(shell: Shell, removal: str) -> None:
+    """Say `rm -rf /dev/shm/*`, where the shell keeps its per-command files: the session goes on, state and all."""
+    run_ok(shell, "export KEPT=yes")
+    run_ok(shell, removal.format(rundir=shell._bash.rundir))
+    for _ in range(2):
+        r = shell.run("echo $KEPT; echo err >&2", timeout=60)
+        assert (r.status, r.exit_code, r.stdout, r.stderr, r.shell_epoch) == ("completed", 0, b"yes\n", b"err\n", 1)
+
+
 def test_changed_ifs_does_not_break_the_session(shell: Shell, tmp_path: Path) -> None:
     run_ok(shell, "IFS=/")
     r = run_ok(shell, 'echo "$IFS"', cwd=str(tmp_path))

@@ -137,6 +137,24 @@ class _Bash:
             os.mkfifo(p, 0o600)
         return paths
 
+    def open_fifo(self, path: Path) -> int:
+        """Open an output FIFO for reading, without waiting for bash to open it."""
+        try:
+            return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.restore_files()
+            return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def restore_files(self) -> None:
+        """A command removed the run directory or files in it (`rm -rf /dev/shm/*`): make them again, at the paths
+        bash's driver names, so the shell and its state go on."""
+        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for p in (self.out_path, self.err_path):
+            if not p.exists():
+                os.mkfifo(p, 0o600)
+        os.close(self.cmd_fd)
+        self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     def replace_fifos(self) -> None:
         """A background job still holds the current FIFOs: leave them to it, use new ones from now on."""
         for p in (self.out_path, self.err_path):
@@ -145,6 +163,8 @@ class _Bash:
 
     def write_command(self, body: bytes) -> None:
         """Put the command's text in the file bash sources (kept open: a write and a truncate per command)."""
+        if os.fstat(self.cmd_fd).st_nlink == 0:  # a command removed it
+            self.restore_files()
         view, at = memoryview(body), 0
         while at < len(body):
             at += os.pwrite(self.cmd_fd, view[at:], at)
@@ -375,12 +395,12 @@ class Shell:
             self._bash.kill()
             self._bash = self._spawn()
         bash = self._bash
-        bash.write_command(body)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         # The nonce only tells this command's reports from stale ones: a command can read it in its own shell.
         run = self._new_running(b"%x" % self._seq, deadline, spool_name)
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
-            run.streams[os.open(path, os.O_RDONLY | os.O_NONBLOCK)] = capture
+            run.streams[bash.open_fifo(path)] = capture
+        bash.write_command(body)
         if not bash.send(self._driver(run.nonce, env, cwd)):
             run.bash_gone = True
         self._wait(run)
