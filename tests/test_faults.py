@@ -42,8 +42,11 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
-    def start(self, url: str, session: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start a worker for `session` on `url` (heartbeat 0.2 s, lease TTL 1.5 s unless `env` says otherwise)."""
+    def start(
+        self, url: str, session: str, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker for `session` on `url` (heartbeat 0.2 s, lease TTL 1.5 s unless `env` says otherwise),
+        under `wrapper` (say, prlimit) if given."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHELLQ_")}
         full_env.update(
             SHELLQ_REDIS_URL=url,
@@ -55,7 +58,8 @@ class Workers:
         full_env.update(env or {})
         log_path = self.tmp_path / f"worker-{session}-{len(self.procs)}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "worker"], env=full_env, stdout=log, stderr=log, cwd=ROOT)
+            argv = [*wrapper, sys.executable, "-m", "worker"]
+            proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log, cwd=ROOT)
         self.procs.append(proc)
         self.logs[proc.pid] = log_path
         return proc
@@ -328,6 +332,38 @@ def test_command_that_kills_its_worker(
     submit_ok(h, s, log, "c-after", "echo fine")
     assert s.result("c-after", timeout=20).stdout == "fine\n"
     settle(h, redis_server, {session_id: log}, may_rerun=("poison-1",))
+
+
+# -- the machine fails under the shell -----------------------------------------------------------------------------
+
+FILES_UP_TO_64K = ("prlimit", "--fsize=65536")  # the worker, its shell and commands: as a nearly full disk would
+
+
+def test_output_that_cannot_be_spooled_is_said_and_the_command_completes(
+    redis_server: RedisServer, workers: Workers, session_id: str
+) -> None:
+    workers.start(redis_server.url, session_id, env={"SHELLQ_OUTPUT_CAP": "1024"}, wrapper=FILES_UP_TO_64K)
+    s = client_for(redis_server.url).session(session_id)
+    r = s.run("head -c 200000 /dev/zero; export STILL=here", timeout=30)
+    expect(r, "completed")
+    assert (r.truncated, r.stdout_size, len(r.stdout_bytes)) == (True, 200000, 1024)
+    assert "output past the cap could not be spooled (stdout: File too large" in (r.error or "")
+    after = s.run("echo $STILL", timeout=30)
+    assert (after.stdout, after.error, after.shell_epoch) == ("here\n", None, r.shell_epoch)
+
+
+def test_a_command_the_shell_cannot_take_is_answered_and_the_session_goes_on(
+    redis_server: RedisServer, workers: Workers, session_id: str
+) -> None:
+    proc = workers.start(redis_server.url, session_id, wrapper=FILES_UP_TO_64K)
+    s = client_for(redis_server.url).session(session_id)
+    first = s.run("true", timeout=30)
+    r = s.run(f"echo {'x' * 100_000}", timeout=30)  # its command file cannot be written
+    expect(r, "interrupted", None)
+    assert "the shell failed: [Errno 27] File too large: '/" in (r.error or "")  # and names the file
+    after = s.run("echo next", timeout=30)
+    assert (after.status, after.stdout, after.shell_epoch) == ("completed", "next\n", first.shell_epoch + 1)
+    assert proc.poll() is None, "the worker goes on serving"
 
 
 @pytest.mark.parametrize("how", ["xdel", "xtrim"])

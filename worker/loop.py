@@ -11,6 +11,7 @@ Exit codes: 0 stopped; 2 bad configuration; 3 session state lost; 4 Redis unreac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -52,13 +53,7 @@ class Worker:
         self.settings = settings
         self.store = SessionStore(settings)
         self.work_dir = settings.work_dir or Path(f"/tmp/shellq-{settings.session}")
-        self.shell = shell or Shell(
-            work_dir=self.work_dir,
-            output_cap=settings.output_cap,
-            spool_quota=settings.spool_quota,
-            kill_grace=settings.kill_grace,
-            reap_orphans=True,
-        )
+        self.shell = shell or self._new_shell()
         self.stopping = threading.Event()
         self.running: tuple[str, threading.Event] | None = None
         self._lock = threading.Lock()
@@ -70,6 +65,16 @@ class Worker:
         self._taken = 0
         self._lease_fresh_until = 0.0
         self._control: Control | None = None
+
+    def _new_shell(self) -> Shell:
+        s = self.settings
+        return Shell(
+            work_dir=self.work_dir,
+            output_cap=s.output_cap,
+            spool_quota=s.spool_quota,
+            kill_grace=s.kill_grace,
+            reap_orphans=True,
+        )
 
     def serve(self, max_commands: int | None = None) -> int:
         """Run the loop; returns the process exit code."""
@@ -269,10 +274,23 @@ class Worker:
             self.running = (cid, cancel)
         try:
             r = self.shell.run(req.cmd, timeout=timeout, env=req.env, cwd=req.cwd, spool_name=cid, cancel=cancel)
+        except OSError as e:  # the machine failed the shell (a full /dev/shm, no descriptors left): say so, go on
+            log.exception("command %s: the shell failed; starting a new bash", cid)
+            epoch = self._renew()
+            return _result(cid, entry_id, "interrupted", f"the shell failed: {e}; a new bash was started", epoch)
         finally:
             with self._lock:
                 self.running = None
         return self._from_shell(cid, entry_id, r)
+
+    def _renew(self) -> int:
+        """Replace a shell that failed with a new one (a new epoch); return the failed shell's epoch."""
+        old = self.shell
+        with contextlib.suppress(OSError):
+            old.close()
+        self.shell = self._new_shell()
+        self.shell.epoch = old.epoch + 1
+        return old.epoch
 
     def _from_shell(self, cid: str, entry_id: str, r: ShellResult) -> CommandResult:
         fields = {name: getattr(r, name) for name in _SHELL_FIELDS}

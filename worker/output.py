@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -64,6 +65,8 @@ class OutputCapture:
         self._file: BinaryIO | None = None
         self._room = 0
         self.spooled: Path | None = None
+        self.spool_error: str | None = None
+        """Why the output past the cap could not be spooled (a full disk, say); the command goes on regardless."""
 
     @property
     def truncated(self) -> bool:
@@ -80,7 +83,10 @@ class OutputCapture:
             self._take(self._carry)
             self._carry = b""
         if self._file:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                self._spool_failed(e)
             self._file = None
 
     def kept(self) -> bytes:
@@ -100,25 +106,40 @@ class OutputCapture:
         self._tail += data
         if self._file:
             self._write_spool(data)
-        elif self.truncated and self._open_spool and not self.spooled:
+        elif self.truncated and self._open_spool and not self.spooled and not self.spool_error:
             self._start_spool(self._open_spool)
         if len(self._tail) > 2 * self._tail_cap:
             del self._tail[: len(self._tail) - self._tail_cap]
 
     def _start_spool(self, open_spool: Callable[[], tuple[Path, int] | None]) -> None:
         # Nothing has been dropped yet: head + tail is the whole stream so far.
-        target = open_spool()
-        if target is None:
+        try:
+            target = open_spool()
+            if target is None:
+                return
+            self.spooled, self._room = target
+            self._file = open(self.spooled, "wb")  # noqa: SIM115 - closed in finish()
+        except OSError as e:
+            self._spool_failed(e)
             return
-        self.spooled, self._room = target
-        self._file = open(self.spooled, "wb")  # noqa: SIM115 - closed in finish()
         self._write_spool(bytes(self._head) + bytes(self._tail))
 
     def _write_spool(self, data: bytes) -> None:
         assert self._file is not None
         chunk = data[: self._room]
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self._spool_failed(e)
+            return
         self._room -= len(chunk)
+
+    def _spool_failed(self, error: OSError) -> None:
+        self.spool_error = f"{error.strerror or error}: {error.filename or self.spooled}"
+        if self._file:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def _apply_rewrite(self, data: bytes) -> bytes:
         assert self._rewrite is not None

@@ -81,6 +81,8 @@ class ShellResult:
     cwd: str
     duration_ms: float
     shell_epoch: int
+    error: str | None = None
+    """What went wrong around the command (its output could not be spooled), though it ran."""
 
 
 class _Bash:
@@ -166,9 +168,12 @@ class _Bash:
         if os.fstat(self.cmd_fd).st_nlink == 0:  # a command removed it
             self.restore_files()
         view, at = memoryview(body), 0
-        while at < len(body):
-            at += os.pwrite(self.cmd_fd, view[at:], at)
-        os.ftruncate(self.cmd_fd, len(body))
+        try:
+            while at < len(body):
+                at += os.pwrite(self.cmd_fd, view[at:], at)
+            os.ftruncate(self.cmd_fd, len(body))
+        except OSError as e:  # a full /dev/shm, say: name the file
+            raise OSError(e.errno, e.strerror, str(self.cmd_file)) from None
 
     def send(self, line: bytes) -> bool:
         """Write one line of input to bash; False when bash is gone."""
@@ -550,7 +555,10 @@ class Shell:
         for capture, name in ((run.out, "stdout"), (run.err, "stderr")):
             capture.finish()
             if run.spool_dir and capture.spooled is None:  # the other stream overflowed: keep this one beside it
-                (run.spool_dir / name).write_bytes(capture.kept())
+                try:
+                    (run.spool_dir / name).write_bytes(capture.kept())
+                except OSError as e:
+                    capture.spool_error = f"{e.strerror or e}: {e.filename}"
         if lingering:
             self._bash.replace_fifos()
             for fd in lingering:
@@ -601,7 +609,13 @@ class Shell:
             cwd=run.cwd or self._last_cwd,
             duration_ms=(time.monotonic() - start) * 1000,
             shell_epoch=epoch,
+            error=_spool_problem(run),
         )
+
+
+def _spool_problem(run: _Running) -> str | None:
+    failed = [f"{name}: {c.spool_error}" for name, c in (("stdout", run.out), ("stderr", run.err)) if c.spool_error]
+    return f"output past the cap could not be spooled ({'; '.join(failed)})" if failed else None
 
 
 def _shell_env(extra: dict[str, str] | None) -> dict[str, str]:
