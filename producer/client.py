@@ -6,6 +6,7 @@ import math
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -79,6 +80,9 @@ class Client:
         )
         self._functions_loaded = False
         self._idle: list[Any] = []  # the hot path's connections not in use (list.pop and append are atomic)
+        # A client nobody closed may end in a reference cycle (an exception's traceback holds the frames that hold
+        # it); the garbage collector then finalizes its sockets in any order. This closes them first.
+        self._closer = weakref.finalize(self, _disconnect, self.redis, self._idle)
 
     @classmethod
     def from_env(cls) -> Client:
@@ -90,9 +94,7 @@ class Client:
         return Session(self, session_id)
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().disconnect()
-        self.redis.close()
+        self._closer()
 
     def __enter__(self) -> Client:
         return self
@@ -322,6 +324,12 @@ class Session:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
         if age > limit or state == "stopped":
             raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago ({state})")
+
+
+def _disconnect(client: redis.Redis, idle: list[Any]) -> None:
+    while idle:
+        idle.pop().disconnect()
+    client.close()
 
 
 def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -395,3 +396,20 @@ def test_session_state_is_running_during_a_command_and_idle_as_soon_as_it_ends(
     wait_for(lambda: row() == ("running", cid))
     s.result(cid, timeout=10)
     assert row() == ("idle", "")
+
+
+def test_a_client_nobody_closed_leaves_no_socket_to_the_garbage_collector(
+    redis_server: RedisServer, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception's traceback keeps a client in a reference cycle; its sockets must still be closed in order."""
+    unraisable: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
+    for _ in range(30):
+        client = client_for(redis_server)
+        with pytest.raises(ResultTimeoutError):  # its own connections and its pool's are both in use
+            client.session(session_id).result("c-none", timeout=0.05)
+        client.send(("PING",))
+        client.cycle = client  # type: ignore[attr-defined]
+        del client
+    gc.collect()
+    assert unraisable == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +26,6 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     s.start()
     yield s
     s.stop()
-
-
-@pytest.fixture
-def session_id() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
 
 
 def library(version: int) -> str:
