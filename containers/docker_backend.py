@@ -213,7 +213,7 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
     if holder and holder.decode() != instance:
         return 0  # a live worker elsewhere holds the session
     token = f"reaper:{uuid.uuid4().hex[:8]}"
-    protocol.load_functions(r)
+    protocol.load_functions(r.execute_command, redis.ResponseError)
     r.set(keys.lease, token, px=10_000)
     answered = 0
     pending: Any = r.xreadgroup(protocol.GROUP, "worker", {keys.cmd: "0"})

@@ -113,19 +113,21 @@ class Client:
             conn = self.redis.connection_pool.make_connection()
         if conn.pid != os.getpid():  # made before a fork: the parent's socket is not ours to use
             conn = self.redis.connection_pool.make_connection()
-        with _redis_errors(self.settings.redis_url):
-            replies: list[Any] = conn.retry.call_with_retry(
-                lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
-            )
-        self._idle.append(conn)
+        try:
+            with _redis_errors(self.settings.redis_url):
+                replies: list[Any] = conn.retry.call_with_retry(
+                    lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
+                )
+        finally:  # kept even after an error: its replies were all read, or it was disconnected and will reconnect
+            self._idle.append(conn)
         return replies
 
     def ensure_functions(self, again: bool = False) -> None:
-        """Load shellq's Redis functions when no worker has loaded them yet (FUNCTION LOAD REPLACE); `again` after
+        """Load shellq's Redis functions unless this client did already (`protocol.load_functions`); `again` after
         Redis answered "Function not found" (it came back empty)."""
         if again or not self._functions_loaded:
             with _redis_errors(self.settings.redis_url):
-                protocol.load_functions(self.redis)
+                protocol.load_functions(self.redis.execute_command, redis.ResponseError)
             self._functions_loaded = True
 
 

@@ -134,6 +134,13 @@ class OutputCapture:
             return
         self._room -= len(chunk)
 
+    def save_kept(self, path: Path) -> None:
+        """Write the bytes kept to `path` (beside the other stream's spool); a failure is a spool error."""
+        try:
+            path.write_bytes(self.kept())
+        except OSError as e:
+            self._spool_failed(e)
+
     def _spool_failed(self, error: OSError) -> None:
         self.spool_error = f"{error.strerror or error}: {error.filename or self.spooled}"
         if self._file:

@@ -14,16 +14,14 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.errors import ConfigError
-
-if TYPE_CHECKING:
-    from redis import Redis
 
 WIRE_VERSION = 1
 MAX_ENTRY_BYTES = 1 << 20
@@ -252,17 +250,6 @@ CALLER = f"shellq/{FUNCTIONS_VERSION}"
 """The first argument of every FCALL: the library refuses a caller of another version (a VERSION error)."""
 
 
-def should_load_functions(loaded: int | None) -> bool:
-    """Does Redis need this shellq's library, given the version it has (`loaded`; None: none)? Raises ConfigError
-    when Redis has a newer one: loading ours over it would break the shellq that loaded it."""
-    if loaded is not None and loaded > FUNCTIONS_VERSION:
-        raise ConfigError(
-            f"Redis has shellq functions version {loaded}, newer than this shellq's ({FUNCTIONS_VERSION}): "
-            "upgrade this shellq; workers and producers of one Redis must run the same version"
-        )
-    return loaded != FUNCTIONS_VERSION
-
-
 def version_refusal(error: Exception) -> ConfigError | None:
     """The ConfigError to raise for a VERSION error reply (the library in Redis is another version), else None."""
     if not str(error).startswith("VERSION"):
@@ -284,19 +271,24 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     return out
 
 
-def load_functions(client: Redis) -> None:
+def load_functions(call: Callable[..., Any], reply_error: type[Exception]) -> None:
     """FCALL_RO shellq_version, then FUNCTION LOAD REPLACE the library unless Redis has this version (persisted and
-    replicated by Redis like data); ConfigError when Redis has a newer one."""
-    from redis import ResponseError
-
+    replicated by Redis like data). `call` sends one command with the caller's client; `reply_error` is what that
+    client raises for an error reply. ConfigError when Redis has a newer library: loading ours over it would break
+    the shellq that loaded it."""
     try:
-        loaded: int | None = int(client.fcall_ro("shellq_version", 0))
-    except ResponseError as e:
+        loaded: int | None = int(call("FCALL_RO", "shellq_version", 0))
+    except reply_error as e:
         if "Function not found" not in str(e):
             raise
         loaded = None
-    if should_load_functions(loaded):
-        client.function_load(FUNCTIONS, replace=True)
+    if loaded is not None and loaded > FUNCTIONS_VERSION:
+        raise ConfigError(
+            f"Redis has shellq functions version {loaded}, newer than this shellq's ({FUNCTIONS_VERSION}): "
+            "upgrade this shellq; workers and producers of one Redis must run the same version"
+        )
+    if loaded != FUNCTIONS_VERSION:
+        call("FUNCTION", "LOAD", "REPLACE", FUNCTIONS)
 
 
 # -- settings ------------------------------------------------------------------------------------------------

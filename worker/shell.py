@@ -96,7 +96,7 @@ class _Bash:
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
         self.rundir = rundir = Path(tempfile.mkdtemp(prefix="shellq-", dir=base))  # tmpfs: per-command files are cheap
         self.cmd_file = rundir / "c"
-        self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.cmd_fd = self._open_command_file()
         self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
         """bash's name for the command file in its messages, and what a terminal would show instead."""
         self.generation = 0
@@ -155,7 +155,10 @@ class _Bash:
             if not p.exists():
                 os.mkfifo(p, 0o600)
         os.close(self.cmd_fd)
-        self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.cmd_fd = self._open_command_file()
+
+    def _open_command_file(self) -> int:
+        return os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def replace_fifos(self) -> None:
         """A background job still holds the current FIFOs: leave them to it, use new ones from now on."""
@@ -390,7 +393,7 @@ class Shell:
 
         out = OutputCapture(self.output_cap, lambda: open_spool("stdout"))
         err = OutputCapture(self.output_cap, lambda: open_spool("stderr"), rewrite=self._bash.rewrite)
-        run = _Running(nonce, out, err, {}, procs.last_pid(), deadline)
+        run = _Running(nonce, out, err, {}, procs.last_pid(), deadline)  # what open_spool fills in
         return run
 
     def _execute(
@@ -555,10 +558,7 @@ class Shell:
         for capture, name in ((run.out, "stdout"), (run.err, "stderr")):
             capture.finish()
             if run.spool_dir and capture.spooled is None:  # the other stream overflowed: keep this one beside it
-                try:
-                    (run.spool_dir / name).write_bytes(capture.kept())
-                except OSError as e:
-                    capture.spool_error = f"{e.strerror or e}: {e.filename}"
+                capture.save_kept(run.spool_dir / name)
         if lingering:
             self._bash.replace_fifos()
             for fd in lingering:

@@ -36,7 +36,7 @@ def _pairs(flat: Any) -> dict[bytes, Any]:
 
 
 def _entries(reply: Any) -> list[Entry]:
-    """Stream entries from an XREAD-style reply (parsed by redis-py or raw); deleted payloads become None."""
+    """Stream entries from a raw XREAD-style reply; deleted payloads become None."""
     return [(eid, fields or None) for eid, fields in protocol.stream_entries(reply)]
 
 
@@ -65,16 +65,8 @@ class SessionStore:
         self.redis.close()
 
     def load_functions(self) -> None:
-        """FCALL_RO shellq_version, then FUNCTION LOAD REPLACE shellq's library unless Redis has this version;
-        ConfigError when it has a newer one."""
-        try:
-            loaded: int | None = int(self.redis.call("FCALL_RO", "shellq_version", 0))
-        except RedisReplyError as e:
-            if "Function not found" not in str(e):
-                raise
-            loaded = None
-        if protocol.should_load_functions(loaded):
-            self.redis.call("FUNCTION", "LOAD", "REPLACE", protocol.FUNCTIONS)
+        """Load shellq's library unless Redis has this version (see `protocol.load_functions`)."""
+        protocol.load_functions(self.redis.call, RedisReplyError)
 
     # -- lease ---------------------------------------------------------------------------------------------------
 
