@@ -141,11 +141,13 @@ def set_child_subreaper() -> bool:
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-def reap_zombies(keep: Iterable[int]) -> int:
-    """Reap zombie children of this process, except the pids in `keep` (their owners wait for them); count them."""
+def reap_zombies(keep: Iterable[int], sessions: set[int] | None = None) -> int:
+    """Reap zombie children of this process, except the pids in `keep` (their owners wait for them), and only those
+    of `sessions` when given (orphans of a shell's jobs, not a child some other part of this process waits for);
+    count them."""
     kept, reaped = set(keep), 0
     for p in filter(None, map(stat, children())):
-        if p.state == "Z" and p.pid not in kept:
+        if p.state == "Z" and p.pid not in kept and (sessions is None or p.sid in sessions):
             try:
                 os.waitpid(p.pid, os.WNOHANG)
                 reaped += 1

@@ -1,24 +1,25 @@
 """The persistent shell: one long-lived bash that runs one command at a time and survives what the command does.
 
-How a command runs (see DESIGN.md "The shell"):
+How a command runs (docs/design.md, "The shell"; the bash process is `worker.shell_process`, the shell code it is
+driven with `worker.shell_driver`):
 
 * its text is written to a file that bash `source`s, with stdin from /dev/null and stdout/stderr into two FIFOs the
   worker reads while the command runs, so heredocs, quotes and multi-line input behave as in a script file;
-* completion, exit status and cwd come back on a report descriptor the command cannot see, tagged with a nonce;
-* a timeout or interrupt sends SIGINT to bash (whose trap returns from the sourced file) and to the process groups
-  the command created, then SIGTERM and SIGKILL to those processes, and as a last resort kills bash and respawns it;
-* when bash exits or is replaced (`exit`, `exec`, `set -e`), a new bash is started and `epoch` goes up by one.
+* completion, exit status and cwd come back as a record on a report FIFO, tagged with a per-command nonce;
+* a timeout or interrupt sends SIGINT to bash (whose trap returns from the sourced file) and to the command's
+  processes, then SIGTERM and SIGKILL to those processes, and as a last resort kills bash and respawns it;
+* when bash exits, is replaced (`exit`, `exec`, `set -e`) or can no longer run the driver (`set -n`), a new bash is
+  started and `epoch` goes up by one; a command that bash could not even start is run in the new bash.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import re
+import secrets
 import select
-import shlex
 import shutil
 import signal
 import subprocess
@@ -27,10 +28,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
-from worker import procs
+from worker import procs, shell_driver
 from worker.output import OutputCapture, Spool, read_available
+from worker.shell_driver import ReportReader
+from worker.shell_process import ShellProcess
 
 ShellStatus = Literal["completed", "timeout", "cancelled", "shell_exited"]
 
@@ -45,25 +48,11 @@ SHELL_ENV_DEFAULTS = {
 }
 _ENV_DROPPED = ("BASH_ENV", "ENV", "PROMPT_COMMAND", "HISTFILE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TICK = 0.2  # seconds between checks that bash was not stopped
+_TICK = 0.2  # seconds between checks that bash was not stopped, is not back at its prompt unreported, and reaping
 _QUIET = 0.002
 """Seconds a command runs before its output FIFOs are watched (read as they fill) rather than read at its end: a
 short command then wakes the worker once, with its report, not also for each FIFO bash closes before that."""
-
-# Runs in its own session; when the worker dies its stdin pipe closes and it kills every process of the shell's
-# session (bash and all jobs), so a successor never overlaps a command still running from its predecessor, and it
-# removes the shell's private directory of per-command files.
-_GUARD = r"""
-while IFS= read -r _; do :; done
-for round in 1 2 3; do
-  for f in /proc/[0-9]*/stat; do
-    IFS= read -r line < "$f" 2>/dev/null || continue
-    set -- ${line##*) }
-    if [ "${4:-}" = "$SID" ]; then p=${f#/proc/}; kill -KILL "${p%/stat}" 2>/dev/null; fi
-  done
-done
-rm -rf -- "$RUNDIR"
-"""
+_READY = b"shellq-ready"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,157 +71,7 @@ class ShellResult:
     duration_ms: float
     shell_epoch: int
     error: str | None = None
-    """What went wrong around the command (its output could not be spooled), though it ran."""
-
-
-class _Bash:
-    """One bash process in a session of its own, with its report pipe, its output FIFOs and its guard."""
-
-    live_pids: ClassVar[set[int]] = set()
-    """bash and guard pids of every live shell in this process (not orphans, whoever adopted them)."""
-
-    def __init__(self, env: dict[str, str], cwd: str) -> None:
-        shm = Path("/dev/shm")
-        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self.rundir = rundir = Path(tempfile.mkdtemp(prefix="shellq-", dir=base))  # tmpfs: per-command files are cheap
-        self.cmd_file = rundir / "c"
-        self.cmd_fd = self._open_command_file()
-        self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
-        """bash's name for the command file in its messages, and what a terminal would show instead."""
-        self.generation = 0
-        self.out_path, self.err_path = self._make_fifos()
-        r, w = os.pipe()
-        self.report_fd = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 200)  # a high number user scripts rarely touch
-        os.close(w)
-        self.report_r = r
-        os.set_blocking(r, False)
-        self.proc = subprocess.Popen(
-            ["bash", "--norc", "--noprofile"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(self.report_fd,),
-            start_new_session=True,
-            env=env,
-            cwd=cwd,
-        )
-        os.close(self.report_fd)
-        guard_r, self._guard_w = os.pipe()
-        self._guard = subprocess.Popen(
-            ["bash", "--norc", "--noprofile", "-c", _GUARD],
-            stdin=guard_r,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={"SID": str(self.proc.pid), "RUNDIR": str(rundir), "PATH": env.get("PATH", os.defpath)},
-        )
-        os.close(guard_r)
-        self.pid = self.proc.pid
-        self.guard_pid = self._guard.pid
-        _Bash.live_pids.update((self.pid, self.guard_pid))
-        self.buffer = b""
-
-    def _make_fifos(self) -> tuple[Path, Path]:
-        self.generation += 1
-        paths = self.rundir / f"o{self.generation}", self.rundir / f"e{self.generation}"
-        for p in paths:
-            os.mkfifo(p, 0o600)
-        return paths
-
-    def open_fifo(self, path: Path) -> int:
-        """Open an output FIFO for reading, without waiting for bash to open it."""
-        try:
-            return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            self.restore_files()
-            return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-
-    def restore_files(self) -> None:
-        """A command removed the run directory or files in it (`rm -rf /dev/shm/*`): make them again, at the paths
-        bash's driver names, so the shell and its state go on."""
-        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for p in (self.out_path, self.err_path):
-            if not p.exists():
-                os.mkfifo(p, 0o600)
-        os.close(self.cmd_fd)
-        self.cmd_fd = self._open_command_file()
-
-    def _open_command_file(self) -> int:
-        return os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def replace_fifos(self) -> None:
-        """A background job still holds the current FIFOs: leave them to it, use new ones from now on."""
-        for p in (self.out_path, self.err_path):
-            p.unlink(missing_ok=True)
-        self.out_path, self.err_path = self._make_fifos()
-
-    def write_command(self, body: bytes) -> None:
-        """Put the command's text in the file bash sources (kept open: a write and a truncate per command)."""
-        if os.fstat(self.cmd_fd).st_nlink == 0:  # a command removed it
-            self.restore_files()
-        view, at = memoryview(body), 0
-        try:
-            while at < len(body):
-                at += os.pwrite(self.cmd_fd, view[at:], at)
-            os.ftruncate(self.cmd_fd, len(body))
-        except OSError as e:  # a full /dev/shm, say: name the file
-            raise OSError(e.errno, e.strerror, str(self.cmd_file)) from None
-
-    def send(self, line: bytes) -> bool:
-        """Write one line of input to bash; False when bash is gone."""
-        assert self.proc.stdin is not None
-        try:
-            os.write(self.proc.stdin.fileno(), line)
-        except (BrokenPipeError, OSError):
-            return False
-        return True
-
-    def report(self, tag: bytes, status: bytes) -> bytes:
-        """Shell code that writes `tag status cwd` NUL-terminated to the report descriptor."""
-        return b"__shellq_report %s %s" % (tag, status)
-
-    def prelude(self) -> bytes:
-        """Defined once per bash: the driver's fixed parts as read-only functions and an alias, so a command's line
-        is short (bash reads a pipe one byte at a time: 230 bytes cost 0.1 ms) and a command cannot redefine them.
-        `set -m` gives every job its own process group; the INT trap makes an interrupt return from the sourced
-        command file. The alias expands, at top level, to the sourcing of the command file with its redirections;
-        should a command remove it (`unalias -a`, `shopt -u expand_aliases`), the function of the same name puts
-        it back and asks for the long form of the line (`<nonce>-again`)."""
-        e = self.report_fd + 1
-        d = self.rundir
-        body = (
-            f"{{ builtin source {d}/c 2>&{e} {e}>&-; }} </dev/null >{d}/o$__shellq_g 2>/dev/null "
-            f'{e}>{d}/e$__shellq_g {self.report_fd}>&-; __shellq_report "$__shellq_n" "$?"'
-        )
-        return (
-            b"set -m; shopt -s expand_aliases; builtin trap 'builtin return 130' INT; "
-            b"__shellq_begin() { __shellq_n=$1 __shellq_g=$2; builtin jobs >/dev/null 2>&1; "
-            b"builtin trap 'builtin return 130' INT; }; "
-            b'__shellq_report() { builtin printf \'%%s %%d %%s\\0\' "$1" "$2" "${PWD-}" >&%d; }; '
-            b"__shellq_alias() { builtin shopt -s expand_aliases; builtin alias __shellq_run='%s'; }; "
-            b'function __shellq_run { __shellq_alias; __shellq_report "$__shellq_n-again" 0; }; '
-            b"builtin readonly -f __shellq_begin __shellq_report __shellq_alias __shellq_run; __shellq_alias; "
-            % (self.report_fd, body.encode())
-        )
-
-    def stopped(self) -> bool:
-        p = procs.stat(self.pid)
-        return p is not None and p.state == "T"
-
-    def kill(self) -> int:
-        """Kill bash and every process of its session (the guard does the sweep); return bash's wait status."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        os.close(self._guard_w)
-        code = self.proc.wait()
-        self._guard.wait()
-        _Bash.live_pids.difference_update((self.pid, self.guard_pid))
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        os.close(self.report_r)
-        os.close(self.cmd_fd)
-        shutil.rmtree(self.rundir, ignore_errors=True)
-        return code
+    """What went wrong around the command (its output could not be spooled, bash had to be replaced)."""
 
 
 @dataclass
@@ -252,6 +91,10 @@ class _Running:
     reported: bool = False
     stoppable: bool = True
     bash_gone: bool = False
+    killed_bash: bool = False
+    not_run: bool = False
+    resent: bool = False
+    error: str | None = None
     step: int = 0
     step_deadline: float = math.inf
     spool_dir: Path | None = None
@@ -346,7 +189,7 @@ class Shell:
             self._closed = True
             self._bash.kill()
             if self.reap_orphans:
-                procs.signal_all(procs.adopted(self._born, exclude=_Bash.live_pids), signal.SIGKILL)
+                procs.signal_all(procs.adopted(self._born, exclude=ShellProcess.live_pids), signal.SIGKILL)
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self._owns_work_dir:
@@ -399,59 +242,61 @@ class Shell:
     def _execute(
         self, body: bytes, timeout: float | None, env: dict[str, str], cwd: str | None, spool_name: str | None
     ) -> _Running:
-        if self._bash.proc.poll() is not None:  # killed while idle: the new command gets a new shell
+        """Run the command; if bash could not even start it (its state broke the driver's redirections), start a
+        new bash and run it there, once."""
+        if self._bash.exited():  # killed while idle: the new command gets a new shell
             self._bash.kill()
             self._bash = self._spawn()
+        run = self._attempt(body, timeout, env, cwd, spool_name)
+        if run.not_run:
+            why = run.error
+            run = self._attempt(body, timeout, env, cwd, spool_name)
+            note = f"bash could not start this command ({why}); a new bash was started and ran it"
+            run.error = f"{note}; {run.error}" if run.error else note
+        return run
+
+    def _attempt(
+        self, body: bytes, timeout: float | None, env: dict[str, str], cwd: str | None, spool_name: str | None
+    ) -> _Running:
         bash = self._bash
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
-        # The nonce only tells this command's reports from stale ones: a command can read it in its own shell.
-        run = self._new_running(b"%x" % self._seq, deadline, spool_name)
+        # The nonce tells this command's reports from any other; a command can read its own (it owns its shell).
+        run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
             run.streams[bash.open_fifo(path)] = capture
         bash.write_command(body)
-        if not bash.send(self._driver(run.nonce, env, cwd)):
+        if env or cwd is not None:
+            line = shell_driver.begin_with(bash.rundir, run.nonce, bash.generation, env, cwd)
+        else:
+            line = shell_driver.begin(run.nonce, bash.generation)
+        if not bash.send(line):
             run.bash_gone = True
         self._wait(run)
         if run.step and not run.bash_gone:  # back at the prompt; what the command left behind goes too
             procs.terminate(lambda: self._command_procs(run), self.kill_grace)
         self._finish_streams(run)
+        self._check_ran(run)
         if run.bash_gone:
             self._respawn(run)
         elif self.reap_orphans and time.monotonic() - self._last_reap > 1.0:
             self._last_reap = time.monotonic()
-            procs.reap_zombies(keep=())
+            procs.reap_zombies(keep=ShellProcess.live_pids)
         return run
 
-    def _driver(self, nonce: bytes, env: dict[str, str], cwd: str | None, short: bool = True) -> bytes:
-        """The one line bash reads for a command: `__shellq_begin NONCE GEN; __shellq_run` (the alias, see
-        `_Bash.prelude`) or, with `env` or `cwd` to apply first, its long form. It expands no variable that `set -u`
-        could trip on, and under `set -x` traces nothing of its own into the command's stderr: the group's stderr is
-        /dev/null (where the trace of `source` goes) and the command's stderr is the FIFO, reached through a spare
-        descriptor E."""
-        b = self._bash
-        begin = b"__shellq_begin %s %d; " % (nonce, b.generation)
-        if short and not env and cwd is None:
-            return begin + b"__shellq_run\n"
-        e = b.report_fd + 1
-        prelude = "".join(f"builtin export {k}={shlex.quote(v)} 2>&{e}; " for k, v in env.items())
-        if cwd is not None:
-            prelude += f"builtin cd -- {shlex.quote(cwd)} 2>&{e} && "
-        return (
-            begin
-            + (
-                f"{{ {prelude}builtin source {b.cmd_file} 2>&{e} {e}>&-; }} "
-                f"</dev/null >{b.out_path} 2>/dev/null {e}>{b.err_path} {b.report_fd}>&-; "
-            ).encode()
-            + b.report(nonce, b'"$?"')
-            + b"\n"
-        )
+    def _check_ran(self, run: _Running) -> None:
+        """A report whose command never started (bash could not make its redirections: no descriptors left), or a
+        command that took bash's own input away: this bash cannot go on."""
+        if run.step == 0 and not run.bash_gone and run.reported and not self._bash.ran():
+            run.not_run = run.bash_gone = run.killed_bash = True
+            run.error = "bash could not open the command's output (out of file descriptors?)"
 
     def _wait(self, run: _Running) -> None:
         """Read output and reports until the command is over, stepping through the escalation when it has to stop.
         The output FIFOs are watched from `_QUIET` seconds on (a pipe holds 64 KiB until then)."""
         poller = select.poll()
-        for fd in (self._bash.report_r, self._wake_r):
-            poller.register(fd, select.POLLIN)
+        for fd in (self._bash.report_fd, self._wake_r, self._bash.pidfd):
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
         watch_from = time.monotonic() + _QUIET
         while not run.done:
             now = time.monotonic()
@@ -464,16 +309,19 @@ class Shell:
             for fd, _ in events:
                 if fd in run.streams:
                     self._pump(fd, run, poller)
-                elif fd == self._bash.report_r:
+                elif fd == self._bash.report_fd:
                     self._read_reports(run)
+                elif fd == self._bash.pidfd:
+                    self._read_reports(run)  # what it said before it went
+                    run.bash_gone = run.done = True
                 else:
                     read_available(self._wake_r)  # an interrupt: acted on in _check_progress
-            self._check_progress(run, idle=not events)
+            self._check_progress(run, poller, idle=not events)
 
     def _interrupted(self) -> bool:
         return self._interrupt.is_set() or (self._cancel is not None and self._cancel.is_set())
 
-    def _check_progress(self, run: _Running, idle: bool) -> None:
+    def _check_progress(self, run: _Running, poller: select.poll, idle: bool) -> None:
         if run.done:
             return
         now = time.monotonic()
@@ -483,8 +331,43 @@ class Shell:
             self._begin_stop(run, "cancelled")
         elif run.step and now >= run.step_deadline:
             self._escalate(run)
-        if idle and self._bash.stopped():  # `kill -STOP $$`: bash cannot even run its trap
-            os.kill(self._bash.pid, signal.SIGCONT)
+        if idle:
+            self._check_idle(run, poller)
+
+    def _check_idle(self, run: _Running, poller: select.poll) -> None:
+        """Nothing happened for a tick: is bash stopped, gone, or back at its prompt without a report?"""
+        bash = self._bash
+        if bash.stopped():  # `kill -STOP $$`: bash cannot even run its trap
+            os.kill(bash.pid, signal.SIGCONT)
+        elif bash.pidfd < 0 and bash.exited():
+            run.bash_gone = run.done = True
+        elif bash.at_prompt():
+            self._read_reports(run)
+            if not run.done:
+                self._unreported(run, poller)
+        if self.reap_orphans:  # orphans of the command's jobs, while it runs (a pids limit counts zombies)
+            procs.reap_zombies(keep=ShellProcess.live_pids, sessions={bash.pid})
+
+    def _unreported(self, run: _Running, poller: select.poll) -> None:
+        """bash is back at its prompt and no report came. Its files may be gone (`rm -rf /dev/shm/*`): make them
+        again and ask bash to send its report once more. If that brings nothing, bash can no longer run the
+        driver (`set -n`, `enable -n builtin`, a DEBUG trap that skips every command): replace it."""
+        bash = self._bash
+        if bash.restore_files():
+            poller.register(bash.report_fd, select.POLLIN)
+        if not run.resent:
+            run.resent = True
+            bash.send(shell_driver.resend(run.nonce))
+            return
+        run.bash_gone = run.done = run.killed_bash = True
+        if run.step == 0 and not bash.ran():
+            run.not_run = True
+            run.error = "its state no longer let bash run shellq's driver"
+        else:
+            run.error = (
+                "bash was left unable to run commands (by `set -n`, a disabled or redefined builtin, or a DEBUG "
+                "trap that skips commands); a new bash was started"
+            )
 
     def _pump(self, fd: int, run: _Running, poller: select.poll) -> None:
         data = read_available(fd)
@@ -496,23 +379,19 @@ class Shell:
             del run.streams[fd]
 
     def _read_reports(self, run: _Running) -> None:
-        bash = self._bash
-        while (data := read_available(bash.report_r, 4096)) is not None:
-            if data == b"":
-                run.bash_gone = run.done = True
-                return
-            bash.buffer += data
-        *records, bash.buffer = bash.buffer.split(b"\0")
-        for record in records:
-            nonce, rc, cwd = record.split(b" ", 2)
-            if nonce == run.nonce:
-                run.exit_code, run.cwd, run.reported = int(rc), os.fsdecode(cwd), True
+        bash, reports = self._bash, []
+        while data := read_available(bash.report_fd, 4096):
+            reports += self._reports.feed(data)
+        for r in reports:
+            if r.tag == run.nonce:
+                run.exit_code, run.cwd, run.reported = r.exit_code, r.cwd or bash.cwd(), True
                 run.done = run.done or run.step == 0
-            elif nonce == run.nonce + b"-again":  # a command removed the alias: this once, the long form
-                bash.send(self._driver(run.nonce, {}, None, short=False))
-            elif nonce == run.nonce + b"-back":  # bash is back at its prompt after an interrupt
-                run.exit_code = run.exit_code if run.reported else int(rc)
-                run.cwd, run.done = os.fsdecode(cwd), True
+                if not r.stdin_ok:  # `exec 10<&-` took the pipe bash reads its commands from
+                    run.bash_gone = run.killed_bash = run.done = True
+                    run.error = "the command closed the shell's own input; a new bash was started"
+            elif r.tag == run.nonce + b"-back":  # bash is back at its prompt after an interrupt
+                run.exit_code = run.exit_code if run.reported else r.exit_code
+                run.cwd, run.done = r.cwd or bash.cwd(), True
 
     def _begin_stop(self, run: _Running, status: ShellStatus) -> None:
         """Step 1: SIGINT to bash (its trap returns from the sourced file) and to every process of the command.
@@ -522,7 +401,7 @@ class Shell:
         run.status, run.step = status, 1
         run.step_deadline = time.monotonic() + self.kill_grace
         b = self._bash
-        b.send(b.report(run.nonce + b"-back", b'"$?"') + b"\n")
+        b.send(shell_driver.report(run.nonce + b"-back"))
         os.kill(b.pid, signal.SIGCONT)
         os.kill(b.pid, signal.SIGINT)
         procs.signal_all(self._command_procs(run), signal.SIGINT)
@@ -542,7 +421,7 @@ class Shell:
         elif run.step == 3:
             procs.signal_all(targets, signal.SIGKILL)
         else:
-            run.bash_gone = run.done = True
+            run.bash_gone = run.done = run.killed_bash = True
 
     def _finish_streams(self, run: _Running) -> None:
         """Take what the command wrote before it ended. A FIFO still held open by a background job is handed to a
@@ -566,14 +445,14 @@ class Shell:
 
     # -- the bash process ----------------------------------------------------------------------------------------
 
-    def _spawn(self) -> _Bash:
+    def _spawn(self) -> ShellProcess:
         """Start bash and wait until it answers; bumps `epoch`."""
-        bash = _Bash(self._env, self._start_cwd)
+        bash = ShellProcess(self._env, self._start_cwd)
         self.epoch += 1
-        ready = b"shellq-ready"
-        bash.send(bash.prelude() + bash.report(ready, b"0") + b"\n")
+        self._reports = ReportReader()
+        bash.send(shell_driver.prelude(bash.rundir) + shell_driver.report(_READY))
         self._bash = bash
-        run = self._new_running(ready, time.monotonic() + 30, None)
+        run = self._new_running(_READY, time.monotonic() + 30, None)
         run.stoppable = False
         self._wait(run)
         if run.bash_gone or run.cwd is None:
@@ -582,13 +461,15 @@ class Shell:
         return bash
 
     def _respawn(self, run: _Running) -> None:
-        """bash exited, was replaced or had to be killed: reap it (and its session), record why, start a new one."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._bash.proc.wait(timeout=0.2)  # `exit 3` is already on its way out; `exec sleep 60` is not
+        """bash exited, was replaced or had to be replaced: reap it (and its session), record why, start a new one."""
+        if not run.killed_bash:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._bash.proc.wait(timeout=0.2)  # `exit 3` is already on its way out; `exec sleep 60` is not
         code = self._bash.kill()
-        if run.status == "completed":
+        if run.status == "completed" and not run.not_run:
             run.status = "shell_exited"
-            run.exit_code = code if code >= 0 else 128 - code
+            if not run.reported:
+                run.exit_code = None if run.killed_bash else code if code >= 0 else 128 - code
         run.cwd = run.cwd or self._last_cwd
         self._bash = self._spawn()
 
@@ -596,7 +477,7 @@ class Shell:
         if run.cwd is not None:
             self._last_cwd = run.cwd
         truncated = run.out.truncated or run.err.truncated
-        epoch = self.epoch - 1 if run.bash_gone else self.epoch
+        epoch = self.epoch - 1 if run.bash_gone and not run.not_run else self.epoch
         return ShellResult(
             status=run.status,
             exit_code=run.exit_code,
@@ -609,7 +490,7 @@ class Shell:
             cwd=run.cwd or self._last_cwd,
             duration_ms=(time.monotonic() - start) * 1000,
             shell_epoch=epoch,
-            error=_spool_problem(run),
+            error="; ".join(e for e in (run.error, _spool_problem(run)) if e) or None,
         )
 
 

@@ -1,0 +1,231 @@
+"""The bash process behind a `Shell`: its private run directory (command file, proof file, report and output
+FIFOs), its command pipe, its guard, and the facts the worker reads about it from /proc."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import tempfile
+import termios
+from pathlib import Path
+from typing import ClassVar
+
+from worker import procs, shell_driver
+
+# Runs in its own session; when the worker dies its stdin pipe closes and it kills every process of the shell's
+# session (bash and all jobs), so a successor never overlaps a command still running from its predecessor, and it
+# removes the shell's private directory of per-command files.
+_GUARD = r"""
+while IFS= read -r _; do :; done
+for round in 1 2 3; do
+  for f in /proc/[0-9]*/stat; do
+    IFS= read -r line < "$f" 2>/dev/null || continue
+    set -- ${line##*) }
+    if [ "${4:-}" = "$SID" ]; then p=${f#/proc/}; kill -KILL "${p%/stat}" 2>/dev/null; fi
+  done
+done
+rm -rf -- "$RUNDIR"
+"""
+
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "arm64": 63}.get(platform.machine())
+"""The number of read(2) in /proc/PID/syscall on this machine (None: the prompt check is off)."""
+
+
+def _run_dir() -> Path:
+    """A private directory on tmpfs when there is one (per-command files are cheap there), with a path the driver
+    can use unquoted."""
+    for base in ("/dev/shm", tempfile.gettempdir(), "/tmp"):
+        if os.path.isdir(base) and os.access(base, os.W_OK) and shell_driver.is_safe_path(base):
+            return Path(tempfile.mkdtemp(prefix="shellq-", dir=base))
+    raise OSError(f"no writable directory with a plain path for the shell's files (tried /dev/shm, {base})")
+
+
+class ShellProcess:
+    """One bash in a session of its own, fed lines on a pipe; reports come back on a FIFO in its run directory."""
+
+    live_pids: ClassVar[set[int]] = set()
+    """bash and guard pids of every live shell in this process (not orphans, whoever adopted them)."""
+
+    def __init__(self, env: dict[str, str], cwd: str) -> None:
+        self.rundir = _run_dir()
+        self.cmd_file = self.rundir / "c"
+        self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
+        """bash's name for the command file in its messages, and what a terminal would show instead."""
+        self.generation = 0
+        self.cmd_fd = self.proof_fd = self.report_fd = -1
+        self.out_path, self.err_path = self.rundir / "o0", self.rundir / "e0"
+        self.restore_files()
+        self.out_path, self.err_path = self._make_fifos()
+        self.proc = subprocess.Popen(
+            ["bash", "--norc", "--noprofile"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=cwd,
+        )
+        self.pid = self.proc.pid
+        assert self.proc.stdin is not None
+        self._stdin = self.proc.stdin.fileno()
+        self._stdin_ino = os.fstat(self._stdin).st_ino
+        self.pidfd = _pidfd(self.pid)
+        guard_r, self._guard_w = os.pipe()
+        self._guard = subprocess.Popen(
+            ["bash", "--norc", "--noprofile", "-c", _GUARD],
+            stdin=guard_r,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={"SID": str(self.pid), "RUNDIR": str(self.rundir), "PATH": env.get("PATH", os.defpath)},
+        )
+        os.close(guard_r)
+        self.guard_pid = self._guard.pid
+        ShellProcess.live_pids.update((self.pid, self.guard_pid))
+
+    # -- the run directory ---------------------------------------------------------------------------------------
+
+    def _make_fifos(self) -> tuple[Path, Path]:
+        self.generation += 1
+        paths = self.rundir / f"o{self.generation}", self.rundir / f"e{self.generation}"
+        for p in paths:
+            os.mkfifo(p, 0o600)
+        return paths
+
+    def restore_files(self) -> bool:
+        """Make what a command removed (`rm -rf /dev/shm/*`) again, at the same paths, so the shell and its state
+        go on; True when the report FIFO is new (its reader changed)."""
+        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for p in (self.out_path, self.err_path, self.rundir / "r"):
+            if not p.is_fifo():
+                p.unlink(missing_ok=True)
+                os.mkfifo(p, 0o600)
+        renewed = False
+        if self.report_fd < 0 or not _same_file(self.report_fd, self.rundir / "r"):
+            _close(self.report_fd)
+            # Read and write: the FIFO never reads as EOF, and bash's open for writing never waits.
+            self.report_fd = os.open(self.rundir / "r", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            renewed = True
+        for name, attr in (("c", "cmd_fd"), ("p", "proof_fd")):
+            if getattr(self, attr) < 0 or not _same_file(getattr(self, attr), self.rundir / name):
+                _close(getattr(self, attr))
+                setattr(self, attr, os.open(self.rundir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        return renewed
+
+    def open_fifo(self, path: Path) -> int:
+        """Open an output FIFO for reading, without waiting for bash to open it."""
+        if not path.is_fifo():
+            self.restore_files()
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def replace_fifos(self) -> None:
+        """A background job still holds the current FIFOs: leave them to it, use new ones from now on."""
+        for p in (self.out_path, self.err_path):
+            p.unlink(missing_ok=True)
+        self.out_path, self.err_path = self._make_fifos()
+
+    def write_command(self, body: bytes) -> None:
+        """Put the command's text in the file bash sources, and mark the proof file (bash empties it when it makes
+        the command's redirections)."""
+        if os.fstat(self.cmd_fd).st_nlink == 0 or os.fstat(self.proof_fd).st_nlink == 0:
+            self.restore_files()
+        view, at = memoryview(body), 0
+        try:
+            while at < len(body):
+                at += os.pwrite(self.cmd_fd, view[at:], at)
+            os.ftruncate(self.cmd_fd, len(body))
+            os.pwrite(self.proof_fd, b"x", 0)
+        except OSError as e:  # a full /dev/shm, say: name the file
+            raise OSError(e.errno, e.strerror, str(self.cmd_file)) from None
+
+    def ran(self) -> bool:
+        """Did bash make the redirections of the command it was last given (so the command ran)?"""
+        try:
+            return os.fstat(self.proof_fd).st_size == 0 or os.fstat(self.proof_fd).st_nlink == 0
+        except OSError:
+            return True
+
+    # -- the process ---------------------------------------------------------------------------------------------
+
+    def send(self, line: bytes) -> bool:
+        """Write lines of input to bash; False when bash is gone."""
+        try:
+            os.write(self._stdin, line)
+        except OSError:
+            return False
+        return True
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def stopped(self) -> bool:
+        p = procs.stat(self.pid)
+        return p is not None and p.state == "T"
+
+    def at_prompt(self) -> bool:
+        """Is bash waiting for its next line (blocked reading its command pipe, which is empty)? Read from
+        /proc/PID/syscall and /proc/PID/fd/0; False where those cannot be read."""
+        if _READ_SYSCALL is None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/syscall", "rb") as f:
+                fields = f.read().split()
+            if len(fields) < 2 or fields[0] != str(_READ_SYSCALL).encode() or int(fields[1], 16) != 0:
+                return False
+            if os.stat(f"/proc/{self.pid}/fd/0").st_ino != self._stdin_ino:
+                return False
+            queued = array.array("i", [0])
+            fcntl.ioctl(self._stdin, termios.FIONREAD, queued)
+        except (OSError, ValueError):
+            return False
+        return queued[0] == 0
+
+    def cwd(self) -> str | None:
+        """bash's working directory from /proc (when `$PWD` was unset)."""
+        try:
+            return os.readlink(f"/proc/{self.pid}/cwd")
+        except OSError:
+            return None
+
+    def kill(self) -> int:
+        """Kill bash and every process of its session (the guard does the sweep); return bash's wait status."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        os.close(self._guard_w)
+        code = self.proc.wait()
+        self._guard.wait()
+        ShellProcess.live_pids.difference_update((self.pid, self.guard_pid))
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        for fd in (self.report_fd, self.cmd_fd, self.proof_fd, self.pidfd):
+            _close(fd)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        return code
+
+
+def _pidfd(pid: int) -> int:
+    """A descriptor that polls readable when the process exits (-1 on kernels before 5.3)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return -1
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
