@@ -55,4 +55,7 @@ class Result(BaseModel):
         data = r.model_dump(exclude={"v"})
         data.update(stdout_bytes=r.stdout, stderr_bytes=r.stderr)
         data.update(stdout=r.stdout.decode(errors="replace"), stderr=r.stderr.decode(errors="replace"))
+        for name in ("cwd", "error", "spool_path"):  # the wire keeps a path's exact bytes; the view replaces
+            if data[name] is not None:
+                data[name] = data[name].encode(errors="surrogateescape").decode(errors="replace")
         return cls(**data)

@@ -68,12 +68,15 @@ def born_between(pid: int, lo: int | None, hi: int | None) -> bool:
 def command_procs(
     shell_pid: int, since: int | None, adopter: int | None = None, exclude: Iterable[int] = ()
 ) -> list[int]:
-    """Processes a command of the shell `shell_pid` (a session leader) started after pid `since` was handed out.
+    """Processes of the command the shell `shell_pid` (a session leader) started after pid `since` was handed out.
 
-    That is every process in the shell's own process group but the shell itself (command substitutions), every
-    process group of the shell's session created since (the command's foreground and background jobs), any newer
-    descendant of the shell that moved to a session of its own, and, when this process is the child subreaper
-    `adopter`, any newer orphan it adopted (a `setsid` child whose parent exited) that is not in `exclude`.
+    A process belongs to the command that started its job: follow its parents up to the shell; the shell's child on
+    that path (the job's leader, a pipeline member, a command substitution) was born during this command or not.
+    So a server, a reloader or a watch loop an earlier command left running keeps every child it starts later,
+    with or without job control (`set +m`). A process whose chain no longer reaches the shell (its parent exited)
+    counts by its process group when that group is one of the shell's jobs, else by its own birth: with job control
+    on, an orphan of an earlier job is still known by its job's group; a process that left the shell's session
+    (`setsid`) and was orphaned is the command's when it was born during it.
     """
     procs = all_procs()
     now = last_pid()
@@ -83,12 +86,30 @@ def command_procs(
     for p in procs:
         if p.pid in skip or p.state == "Z":
             continue
-        in_session = p.sid == shell_pid and (p.pgrp == shell_pid or born_between(p.pgrp, since, now))
-        newer = born_between(p.pid, since, now)
-        adopted = adopter is not None and _descends(p.pid, adopter, parent, skip)
-        if in_session or (newer and (_descends(p.pid, shell_pid, parent, set()) or adopted)):
+        leader = _leader(p.pid, shell_pid, parent)
+        if leader is not None:
+            mine = born_between(leader, since, now)
+        elif p.sid == shell_pid and p.pgrp != shell_pid:
+            mine = born_between(p.pgrp, since, now)
+        else:
+            adopted = adopter is not None and _descends(p.pid, adopter, parent, skip)
+            mine = (adopted or p.sid == shell_pid) and born_between(p.pid, since, now)
+        if mine:
             found.append(p.pid)
     return found
+
+
+def _leader(pid: int, shell_pid: int, parent: dict[int, int]) -> int | None:
+    """The shell's child on `pid`'s chain of parents (`pid` itself when it is one); None when the chain does not
+    reach the shell."""
+    for _ in range(256):
+        up = parent.get(pid, 0)
+        if up == shell_pid:
+            return pid
+        if up <= 1:
+            return None
+        pid = up
+    return None
 
 
 def adopted(since: int | None, exclude: Iterable[int]) -> list[int]:

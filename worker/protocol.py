@@ -1,4 +1,4 @@
-"""The wire contract: key names, the stream entry models, the codec, limits and defaults (DESIGN.md "Wire format").
+"""The wire contract: key names, the stream entry models, the codec, limits and defaults (docs/design.md "Wire format").
 
 Every stream entry is a flat map whose field names are a model's fields. Scalars are plain text (booleans `1`/`0`,
 numbers in decimal), bytes fields are stored as they are, nested values are msgpack, an absent field is None or the
@@ -63,7 +63,7 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 def command_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
     """The id a command entry answers to: its client `id` when that is valid, else its entry id."""
-    raw = fields.get(b"id")
+    raw = fields.get(b"id") if isinstance(fields, dict) else None
     if raw is None:
         return entry_id
     text = raw.decode(errors="replace")
@@ -207,9 +207,9 @@ def encode(model: WireModel) -> dict[str, bytes]:
         elif isinstance(value, bytes):
             out[name] = value
         elif name in model.wire_packed:
-            out[name] = msgpack.packb(value)
-        else:
-            out[name] = str(value).encode()
+            out[name] = msgpack.packb(value, unicode_errors="surrogateescape")
+        else:  # a path that is not UTF-8 (a cwd, say) keeps its exact bytes
+            out[name] = str(value).encode(errors="surrogateescape")
     return out
 
 
@@ -226,9 +226,11 @@ def decode(model: type[M], fields: dict[bytes, bytes]) -> M:
             if name in model.wire_bytes:
                 data[name] = raw
             elif name in model.wire_packed:
-                data[name] = msgpack.unpackb(raw, max_str_len=MAX_ENTRY_BYTES, max_bin_len=MAX_ENTRY_BYTES)
-            else:
-                data[name] = raw.decode()
+                data[name] = msgpack.unpackb(
+                    raw, max_str_len=MAX_ENTRY_BYTES, max_bin_len=MAX_ENTRY_BYTES, unicode_errors="surrogateescape"
+                )
+            else:  # bytes that are not UTF-8 survive as surrogate escapes (os.fsdecode's convention)
+                data[name] = raw.decode(errors="surrogateescape")
     except (UnicodeDecodeError, ValueError, msgpack.UnpackException) as e:
         raise DecodeError(f"field {raw_name!r} cannot be read: {e}") from None
     try:

@@ -4,14 +4,15 @@ Each command costs bash two short lines on its stdin:
 
     \\__shellq_begin NONCE GEN     re-asserts what the driver needs (a command may have changed any of it), then
                                   defines the alias below with this command's nonce and FIFO generation
-    __shellq_run                  the alias: `{ source FILE </dev/null >|PROOF >OUT 2>ERR; } >/dev/null 2>&1;
+    __shellq_run                  the alias: `{ source FILE </dev/null >OUT 2>ERR; } >/dev/null 2>&1;
                                   __shellq_report NONCE "$?"`, expanded at top level so `declare`, `return` and
                                   `local` in the command behave as typed at a prompt
 
 The report is one NUL-terminated record `NONCE RC STATE CWD` opened and written to the report FIFO at report time
 (no descriptor of shellq's lives in bash, so `ulimit -n` and `exec N>&-` cannot take one away). STATE is `ok`, or
 `lost` when bash's own stdin is no longer its command pipe (a command closed the descriptor bash saved it in).
-`>|PROOF` truncates a file the worker filled: the command's redirections were made, so it ran.
+The command file's access time, which the worker zeroes when it writes the file, says whether bash read it: whether
+the command ran at all (bash may fail to make its redirections).
 
 What the driver is immune to, and how (see docs/design.md, "The shell"):
 
@@ -54,7 +55,7 @@ class Report:
     exit_code: int
     stdin_ok: bool
     cwd: str
-    """The shell's `$PWD` (surrogate-escaped bytes); empty when PWD is unset."""
+    """The shell's `$PWD` (surrogate-escaped bytes); empty when PWD is unset or not the working directory."""
 
 
 class ReportReader:
@@ -96,7 +97,7 @@ def prelude(rundir: Path) -> bytes:
     alias = "".join(
         part if part in ("$1", "$2") else _double_quoted(part)
         for part in (
-            f"{_TRAPS % {'d': d}}; {{ \\builtin source {d}/c </dev/null >|{d}/p >{d}/o",
+            f"{_TRAPS % {'d': d}}; {{ \\builtin source {d}/c </dev/null >{d}/o",
             "$2",
             f" 2>{d}/e",
             "$2",
@@ -109,6 +110,7 @@ def prelude(rundir: Path) -> bytes:
 set -m; shopt -s expand_aliases; builtin trap 'builtin return 130' INT
 __shellq_fix() {{
   unset -f builtin 2>/dev/null || ((1))
+  enable builtin 2>/dev/null || ((1))
   builtin enable source printf trap alias shopt jobs return read eval unset local 2>/dev/null || ((1))
 }}
 __shellq_begin() {{
@@ -120,7 +122,7 @@ __shellq_begin() {{
 }}
 __shellq_guard_traps() {{
   builtin local t= nl=$'\\n'
-  __shellq_t=
+  builtin printf -v __shellq_t '' 2>/dev/null || ((1))
   IFS= builtin read -r -d '' t <{d}/t 2>/dev/null || ((1))
   t=$nl$t
   builtin eval "${{t//${{nl}}trap -- /${{nl}}__shellq_wrap_trap }}" 2>/dev/null || ((1))
@@ -129,12 +131,15 @@ __shellq_wrap_trap() {{
   builtin local q=
   [[ $1 != {guard}* ]] || builtin return 0
   builtin printf -v q %q {guard}"$1"$'\\n}}' 2>/dev/null || ((1))
-  __shellq_t+="builtin trap -- $q $2"$'\\n'
+  builtin printf -v __shellq_t '%sbuiltin trap -- %s %s\\n' "${{__shellq_t-}}" "$q" "$2" 2>/dev/null || ((1))
 }}
 __shellq_report() {{
   __shellq_fix
-  if [[ -p /dev/stdin ]]; then __shellq_last="$1 $2 ok ${{PWD-}}"; else __shellq_last="$1 $2 lost ${{PWD-}}"; fi
-  builtin printf '%s\\0' "$__shellq_last" >>{d}/r 2>/dev/null || ((1))
+  builtin local __shellq_s=lost __shellq_d=
+  [[ ! -p /dev/stdin ]] || __shellq_s=ok
+  [[ ! ${{PWD-}} -ef . ]] || __shellq_d=$PWD
+  builtin printf -v __shellq_last '%s %s %s %s' "$1" "$2" "$__shellq_s" "$__shellq_d" 2>/dev/null || ((1))
+  builtin printf '%s %s %s %s\\0' "$1" "$2" "$__shellq_s" "$__shellq_d" >>{d}/r 2>/dev/null || ((1))
 }}
 __shellq_resend() {{
   __shellq_fix
@@ -163,10 +168,10 @@ def begin_with(rundir: Path, nonce: bytes, generation: int, env: dict[str, str],
         steps += f"\\builtin cd -- {shlex.quote(cwd)} {e} && "
     line = (
         f"{_TRAPS % {'d': d}}; {{ {steps}\\builtin source {d}/c {e} {{__shellq_e}}>&-; }} "
-        f"</dev/null 2>/dev/null {{__shellq_e}}>{d}/e{generation} >|{d}/p >{d}/o{generation}; "
+        f"</dev/null 2>/dev/null {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
         f'\\__shellq_report {nonce.decode()} "$?" {{__shellq_e}}>&-\n'
     )
-    return b"\\__shellq_begin %s %d\n" % (nonce, generation) + line.encode()
+    return b"\\__shellq_begin %s %d\n" % (nonce, generation) + line.encode(errors="surrogateescape")
 
 
 def report(tag: bytes) -> bytes:

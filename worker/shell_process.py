@@ -1,5 +1,5 @@
-"""The bash process behind a `Shell`: its private run directory (command file, proof file, report and output
-FIFOs), its command pipe, its guard, and the facts the worker reads about it from /proc."""
+"""The bash process behind a `Shell`: its private run directory (command file, report and output FIFOs), its
+command pipe, its guard, and the facts the worker reads about it from /proc."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import termios
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,10 +59,12 @@ class ShellProcess:
         self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
         """bash's name for the command file in its messages, and what a terminal would show instead."""
         self.generation = 0
-        self.cmd_fd = self.proof_fd = self.report_fd = -1
+        self.cmd_fd = self.report_fd = -1
         self.out_path, self.err_path = self.rundir / "o0", self.rundir / "e0"
         self.restore_files()
         self.out_path, self.err_path = self._make_fifos()
+        self.knows_reads = _reads_update_atime(self.cmd_fd, self.cmd_file)
+        """Reading the command file marks its access time here (not so on a `noatime` mount): `ran()` can tell."""
         self.proc = subprocess.Popen(
             ["bash", "--norc", "--noprofile"],
             stdin=subprocess.PIPE,
@@ -112,10 +115,9 @@ class ShellProcess:
             # Read and write: the FIFO never reads as EOF, and bash's open for writing never waits.
             self.report_fd = os.open(self.rundir / "r", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             renewed = True
-        for name, attr in (("c", "cmd_fd"), ("p", "proof_fd")):
-            if getattr(self, attr) < 0 or not _same_file(getattr(self, attr), self.rundir / name):
-                _close(getattr(self, attr))
-                setattr(self, attr, os.open(self.rundir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if self.cmd_fd < 0 or not _same_file(self.cmd_fd, self.cmd_file):
+            _close(self.cmd_fd)
+            self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return renewed
 
     def open_fifo(self, path: Path) -> int:
@@ -131,25 +133,26 @@ class ShellProcess:
         self.out_path, self.err_path = self._make_fifos()
 
     def write_command(self, body: bytes) -> None:
-        """Put the command's text in the file bash sources, and mark the proof file (bash empties it when it makes
-        the command's redirections)."""
-        if os.fstat(self.cmd_fd).st_nlink == 0 or os.fstat(self.proof_fd).st_nlink == 0:
+        """Put the command's text in the file bash sources, with an access time of zero (`ran()`)."""
+        if os.fstat(self.cmd_fd).st_nlink == 0:
             self.restore_files()
         view, at = memoryview(body), 0
         try:
             while at < len(body):
                 at += os.pwrite(self.cmd_fd, view[at:], at)
             os.ftruncate(self.cmd_fd, len(body))
-            os.pwrite(self.proof_fd, b"x", 0)
+            os.utime(self.cmd_fd, ns=(0, time.time_ns()))
         except OSError as e:  # a full /dev/shm, say: name the file
             raise OSError(e.errno, e.strerror, str(self.cmd_file)) from None
 
     def ran(self) -> bool:
-        """Did bash make the redirections of the command it was last given (so the command ran)?"""
+        """Did bash read the command file it was last given (it made the command's redirections and ran it)? True
+        when that cannot be known."""
         try:
-            return os.fstat(self.proof_fd).st_size == 0 or os.fstat(self.proof_fd).st_nlink == 0
+            info = os.fstat(self.cmd_fd)
         except OSError:
             return True
+        return not self.knows_reads or info.st_atime_ns != 0 or info.st_nlink == 0
 
     # -- the process ---------------------------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class ShellProcess:
         ShellProcess.live_pids.difference_update((self.pid, self.guard_pid))
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        for fd in (self.report_fd, self.cmd_fd, self.proof_fd, self.pidfd):
+        for fd in (self.report_fd, self.cmd_fd, self.pidfd):
             _close(fd)
         shutil.rmtree(self.rundir, ignore_errors=True)
         return code
@@ -215,6 +218,16 @@ def _pidfd(pid: int) -> int:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return -1
+
+
+def _reads_update_atime(fd: int, path: Path) -> bool:
+    try:
+        os.utime(fd, ns=(0, time.time_ns()))
+        with open(path, "rb") as f:
+            f.read(1)
+        return os.fstat(fd).st_atime_ns != 0
+    except OSError:
+        return False
 
 
 def _same_file(fd: int, path: Path) -> bool:
