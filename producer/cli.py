@@ -1,19 +1,24 @@
 """The `shellq` command.
 
-    shellq up | down                           a private server in the background (the embedded default)
+    shellq up | down                           a private server in the background (the embedded default); `down`
+                                               stops the live sessions first (history kept), `up` brings the
+                                               server back on the same port with the same password and data
     shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
     shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
                          [--mount HOST:CTR[:ro]] [--network N]
                                                a session and its worker; prints its name
-    shellq session stop S [--keep]             stop its worker; delete its streams unless --keep
-    shellq session list                        name, backend, worker alive, queue depth, current command, epoch
+    shellq session stop S [--keep]             stop its worker and delete the session (keys, local directory):
+                                               the name is free again; --keep keeps its history to resume it
+    shellq session list                        name, backend, worker, state, queue depth, epoch, current command
+                                               (or "no worker, N queued")
     shellq exec S [--timeout T] [--json] [--env K=V] [--cwd DIR] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it)
     shellq gc                                  remove session containers whose worker is gone
     shellq worker                              serve one session (same as python -m worker)
 
-Redis: SHELLQ_REDIS_URL, else the server of `shellq up`.
+Redis: SHELLQ_REDIS_URL, else the server of `shellq up`. Every failure is one `shellq: ...` line on stderr, exit
+status 1 (125 for `exec`, 130 after Ctrl-C, which also interrupts the command `exec` waits for), never a traceback.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import argparse
 import base64
 import json
 import os
+import secrets
 import sys
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from producer.client import Client, ClientSettings
 from producer.result import Result
@@ -34,6 +42,7 @@ from worker.errors import ShellqError
 
 if TYPE_CHECKING:
     from containers.backend import Backend
+    from containers.local import LocalBackend
 
 EXIT_TIMEOUT, EXIT_SHELLQ, EXIT_CANCELLED = 124, 125, 130
 
@@ -47,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         from worker.__main__ import main as worker_main
 
-        return worker_main(argv[1:])
+        worker_args = argv[1:]
+        return _guarded(lambda: worker_main(worker_args), failure=1)
     command: list[str] = []
     if "--" in argv:  # everything after `--` is the command, untouched
         argv, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
@@ -55,11 +65,39 @@ def main(argv: list[str] | None = None) -> int:
     if "command" in args:
         args.command += command
     handler: Callable[[argparse.Namespace], int] = args.handler
+    return _guarded(lambda: handler(args), failure=EXIT_SHELLQ if handler is cmd_exec else 1)
+
+
+def _guarded(verb: Callable[[], int], failure: int) -> int:
+    """Run a verb; whatever ends it early becomes one `shellq: ...` line on stderr and an exit status."""
     try:
-        return handler(args)
-    except ShellqError as e:
-        print(f"shellq: {e}", file=sys.stderr)
-        return EXIT_SHELLQ if handler is cmd_exec else 1
+        return verb()
+    except KeyboardInterrupt:
+        print("shellq: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as e:
+        print(f"shellq: {explain(e)}", file=sys.stderr)
+        return failure
+
+
+def explain(e: Exception) -> str:
+    """One line that says what went wrong, for any error that ends a verb."""
+    if isinstance(e, ShellqError | ValueError):  # ours, pydantic's and the codec's messages are written to be read
+        return str(e)
+    if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
+        return f"Redis refused the credentials ({e}): the URL's password is not this server's"
+    if isinstance(e, redis.ConnectionError | redis.TimeoutError):
+        return f"cannot reach Redis: {e}"
+    if isinstance(e, redis.RedisError):
+        return f"Redis answered with an error: {e}"
+    docker_errors = sys.modules.get("docker.errors")  # not imported: then it cannot be one of Docker's errors
+    if docker_errors is not None and isinstance(e, docker_errors.DockerException):
+        return f"Docker: {getattr(e, 'explanation', None) or e}"
+    if isinstance(e, ModuleNotFoundError):
+        return f"the Python package {e.name!r} is missing: reinstall shellq (it depends on it)"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+    return f"unexpected {type(e).__name__}: {e} (a bug in shellq; please report it)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,8 +166,12 @@ def redis_url() -> str:
     return info.url
 
 
-def _client() -> Client:
-    return Client(settings=ClientSettings.from_env(redis_url=redis_url()))
+def _client(url: str | None = None) -> Client:
+    return Client(settings=ClientSettings.from_env(redis_url=url or redis_url()))
+
+
+def _say(line: str) -> None:
+    print(f"shellq: {line}", file=sys.stderr)
 
 
 # -- verbs -----------------------------------------------------------------------------------------------------------
@@ -141,7 +183,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from containers import embedded
 
     data = Path(args.data_dir) if args.data_dir else None
-    info, started = embedded.up(data, port=args.port, appendfsync=args.appendfsync)
+    info, started = embedded.up(data, port=args.port, appendfsync=args.appendfsync, say=_say)
     state = "started" if started else "already running"
     print(f"shellq: server {state}: {os.path.basename(info.binary)} on 127.0.0.1:{info.port} (pid {info.pid})")
     print(f"shellq: data in {info.data_dir} (AOF on); the other verbs find it; `shellq down` stops it")
@@ -149,38 +191,83 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the live sessions (keeping their history), then the server; its port, password and data stay for `up`."""
     from containers import embedded
 
-    info = embedded.down()
-    print("shellq: server stopped" if info else "shellq: no server was running")
-    return 0
+    info = embedded.recorded()
+    if info is None:
+        print("shellq: no server was running")
+        return 0
+    failed = _stop_live_sessions(info.url) if embedded.alive(info) else 0
+    embedded.down()
+    print("shellq: server stopped")
+    print("shellq: `shellq up` brings it back on the same port, with the same password and data", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _stop_live_sessions(url: str) -> int:
+    """Stop every session with a live worker, history kept (`session stop --keep`); returns how many failed."""
+    from producer.admin import list_sessions
+
+    failed = 0
+    for row in list_sessions(_client(url)):
+        if not row.worker_alive:
+            continue
+        try:
+            _backend(row.backend, url).stop(row.name)
+        except Exception as e:  # say it and go on: the server stops anyway, the worker reconnects after `up`
+            print(f"shellq: could not stop session {row.name}: {explain(e)}", file=sys.stderr)
+            failed += 1
+            continue
+        again = f"shellq session start --name {row.name}" + (" --backend docker" if row.backend == "docker" else "")
+        print(f"shellq: stopped session {row.name} ({row.backend}), history kept: after `shellq up`, `{again}`")
+    return failed
 
 
 def cmd_session_start(args: argparse.Namespace) -> int:
-    name = args.name or f"s-{uuid.uuid4().hex[:8]}"
-    url = redis_url()
-    if args.backend == "docker":
-        from containers.docker_backend import DockerBackend
+    from containers.local import SessionStartError
 
-        docker_backend = DockerBackend(url, image=args.image)
-        options = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "mounts": args.mount}
-        handle = docker_backend.start(name, network=args.network, **options)
-        docker_backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
-        where = f"container {handle[:12]} ({args.image})"
-    else:
-        local = _backend("local", url)
-        handle = local.start(name)
-        where = f"local worker pid {handle}, log {local.log_path(name)}"  # type: ignore[attr-defined]
+    name = protocol.check_id(args.name or f"s-{uuid.uuid4().hex[:8]}", "session id")
+    url = redis_url()
+    if _client(url).session(name).worker_alive():
+        raise CliError(f"session {name} already has a live worker (`shellq session stop {name}` stops it)")
+    try:
+        where = _start_docker(name, url, args) if args.backend == "docker" else _start_local(name, url)
+    except SessionStartError as e:
+        if "session state lost" not in str(e):
+            raise
+        hint = f"if its history was deleted on purpose, `shellq session stop {name}` frees the name; then start it"
+        raise CliError(f"{e}\nshellq: {hint}") from None
     print(name)
     print(f"shellq: session {name}: {where}", file=sys.stderr)
     return 0
 
 
-def _backend(kind: str, url: str, image: str = "") -> Backend:
+def _start_docker(name: str, url: str, args: argparse.Namespace) -> str:
+    from containers.docker_backend import DockerBackend
+
+    docker_backend = DockerBackend(url, image=args.image)
+    options = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "mounts": args.mount}
+    handle = docker_backend.start(name, network=args.network, **options)
+    docker_backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
+    return f"container {handle[:12]} ({args.image})"
+
+
+def _start_local(name: str, url: str) -> str:
+    local = _local_backend(url)
+    return f"local worker pid {local.start(name)}, log {local.log_path(name)}"
+
+
+def _backend(kind: str, url: str) -> Backend:
+    """The backend a session's meta names (`docker`; anything else: a worker on this machine)."""
     if kind == "docker":
         from containers.docker_backend import DockerBackend
 
-        return DockerBackend(url, image=image) if image else DockerBackend(url)
+        return DockerBackend(url)
+    return _local_backend(url)
+
+
+def _local_backend(url: str) -> LocalBackend:
     from containers import embedded
     from containers.local import LocalBackend
 
@@ -191,21 +278,31 @@ def _backend(kind: str, url: str, image: str = "") -> Backend:
 def cmd_session_stop(args: argparse.Namespace) -> int:
     from producer.admin import delete_session
 
+    name = protocol.check_id(args.name, "session id")
     url = redis_url()
-    client = Client(url)
-    kind = client.redis.hget(protocol.keys(args.name).meta, "backend")
-    was_running = _backend(kind.decode() if isinstance(kind, bytes) else "local", url).stop(args.name)
-    deleted = 0 if args.keep else delete_session(client, args.name)
+    client = _client(url)
+    k = protocol.keys(name)
+    known = bool(client.redis.exists(k.meta, k.cmd, k.res))
+    kind: Any = client.redis.hget(k.meta, "backend")
+    was_running = _backend(kind.decode() if kind else "local", url).stop(name)
     what = "stopped its worker" if was_running else "no worker was running"
-    kept = "streams kept" if args.keep else f"{deleted} keys deleted"
-    print(f"shellq: session {args.name}: {what}; {kept}")
+    if args.keep:
+        if not (known or was_running):
+            raise CliError(f"no session {name} (`shellq session list` shows them)")
+        print(f"shellq: session {name}: {what}; streams kept (`shellq session start --name {name}` resumes it)")
+        return 0
+    deleted = delete_session(client, name)
+    local = _local_backend(url).remove_state(name)
+    if not (deleted or local or was_running):
+        raise CliError(f"no session {name} (`shellq session list` shows them)")
+    print(f"shellq: session {name}: {what}; {deleted} keys deleted; the name is free again")
     return 0
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from containers import images
 
-    images.build(args.base, args.tag, say=lambda line: print(f"shellq: {line}", file=sys.stderr))
+    images.build(args.base, args.tag, say=_say)
     print(args.tag)
     return 0
 
@@ -225,8 +322,7 @@ def cmd_session_list(args: argparse.Namespace) -> int:
     print(f"{'SESSION':<24}{'BACKEND':<9}{'WORKER':<8}{'STATE':<9}{'QUEUE':>6}  {'EPOCH':>5}  CURRENT")
     for r in rows:
         depth = "?" if r.queue_depth is None else str(r.queue_depth)
-        alive = "alive" if r.worker_alive else "down"
-        print(f"{r.name:<24}{r.backend:<9}{alive:<8}{r.state:<9}{depth:>6}  {r.shell_epoch:>5}  {r.current}")
+        print(f"{r.name:<24}{r.backend:<9}{r.worker:<8}{r.state:<9}{depth:>6}  {r.shell_epoch:>5}  {r.note}")
     return 0
 
 
@@ -236,7 +332,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CliError("nothing to run: shellq exec SESSION -- CMD")
     env = dict(_key_value(item) for item in args.env)
     session = _client().session(args.name)
-    r = session.run(" ".join(command), timeout=args.timeout, env=env or None, cwd=args.cwd)
+    cid = f"c-{secrets.token_hex(8)}"
+    try:
+        r = session.run(" ".join(command), timeout=args.timeout, id=cid, env=env or None, cwd=args.cwd)
+    except KeyboardInterrupt:  # Ctrl-C stops the command too, as in a terminal
+        session.interrupt(cid)
+        print(f"shellq: interrupted; command {cid} is being cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
     if args.json:
         print(json.dumps(_json_view(r)))
     else:

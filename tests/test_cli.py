@@ -186,3 +186,202 @@ def test_down_stops_the_server(tmp_path: Path) -> None:
     assert run("down").stdout == b"shellq: no server was running\n"
     missing = run("session", "list")
     assert missing.returncode == 1 and b"shellq up" in missing.stderr
+
+
+# -- lifecycle: what a user means by start, stop, down and up ------------------------------------------------------
+
+
+def _json(cli: Cli, session: str, command: str) -> dict[str, object]:
+    done = cli("exec", session, "--json", "--", command)
+    assert done.returncode == 0, done.stderr
+    view: dict[str, object] = json.loads(done.stdout)
+    return view
+
+
+def test_a_stopped_session_name_starts_fresh(cli: Cli, session_id: str) -> None:
+    assert cli("session", "start", "--name", session_id).returncode == 0
+    first = _json(cli, session_id, "export COLOUR=blue")
+    stopped = cli("session", "stop", session_id)
+    assert stopped.returncode == 0 and b"the name is free again" in stopped.stdout
+    again = cli("session", "start", "--name", session_id)
+    assert again.returncode == 0, again.stderr
+    try:
+        view = _json(cli, session_id, "echo colour=$COLOUR")
+        assert (view["stdout"], view["shell_epoch"]) == ("colour=\n", first["shell_epoch"])  # new: no state, no history
+        assert redis.Redis.from_url(cli.url()).xlen(protocol.keys(session_id).res) == 1
+    finally:
+        cli("session", "stop", session_id)
+
+
+def test_stop_keep_then_start_resumes_the_session(cli: Cli, session_id: str) -> None:
+    assert cli("session", "start", "--name", session_id).returncode == 0
+    try:
+        twice = cli("session", "start", "--name", session_id)
+        assert twice.returncode == 1 and b"already has a live worker" in twice.stderr
+        first = _json(cli, session_id, "echo one")
+        kept = cli("session", "stop", session_id, "--keep")
+        assert kept.returncode == 0 and b"resumes it" in kept.stdout
+        resumed = cli("session", "start", "--name", session_id)
+        assert resumed.returncode == 0, resumed.stderr
+        second = _json(cli, session_id, "echo two")
+        assert second["stdout"] == "two\n"
+        assert second["shell_epoch"] == int(str(first["shell_epoch"])) + 1  # a new bash: the epoch says so
+        history = redis.Redis.from_url(cli.url()).xrange(protocol.keys(session_id).res)
+        assert [fields[b"stdout"] for _, fields in history] == [b"one\n", b"two\n"]
+    finally:
+        cli("session", "stop", session_id)
+
+
+def test_stop_of_an_unknown_session_says_so(cli: Cli, session_id: str) -> None:
+    for args in ((), ("--keep",)):
+        done = cli("session", "stop", session_id, *args)
+        assert done.returncode == 1
+        assert (
+            done.stderr.splitlines()[-1]
+            == f"shellq: no session {session_id} (`shellq session list` shows them)".encode()
+        )
+
+
+def _row(cli: Cli, session: str) -> str:
+    listing = cli("session", "list")
+    assert listing.returncode == 0, listing.stderr
+    return next(line for line in listing.stdout.decode().splitlines() if line.startswith(session + " "))
+
+
+def test_session_list_shows_queued_commands_nobody_serves(cli: Cli, session_id: str) -> None:
+    from producer import Client
+
+    with Client(cli.url()) as client:
+        never = client.session(session_id)
+        never.submit("echo one")
+        never.submit("echo two")
+        row = _row(cli, session_id)
+        assert row.split()[1:5] == ["-", "none", "-", "2"]
+        assert row.endswith("no worker, 2 queued")
+
+        served = f"{session_id}-b"
+        assert cli("session", "start", "--name", served).returncode == 0
+        try:
+            assert cli("session", "stop", served, "--keep").returncode == 0
+            client.session(served).submit("echo three")
+            row = _row(cli, served)
+            assert row.split()[1:5] == ["local", "down", "stopped", "1"]
+            assert row.endswith("no worker, 1 queued")
+        finally:
+            cli("session", "stop", served)
+    assert cli("session", "stop", session_id).returncode == 0
+    assert session_id not in cli("session", "list").stdout.decode()
+
+
+def test_down_stops_live_sessions_and_up_brings_back_the_same_server(tmp_path: Path, session_id: str) -> None:
+    run = Cli(tmp_path)
+    assert run("up").returncode == 0
+    url = run.url()
+    try:
+        assert run("session", "start", "--name", session_id).returncode == 0
+        pid = int(redis.Redis.from_url(url).hget(protocol.keys(session_id).meta, "pid") or 0)
+        assert _json(run, session_id, "echo before")["status"] == "completed"
+        down = run("down")
+        assert down.returncode == 0, down.stderr
+        assert f"stopped session {session_id} (local), history kept".encode() in down.stdout
+        assert b"Traceback" not in down.stderr
+        assert not Path(f"/proc/{pid}").exists() or b" Z " in Path(f"/proc/{pid}/stat").read_bytes()
+
+        up = run("up")
+        assert up.returncode == 0 and b"started" in up.stdout
+        assert run.url() == url  # same port, same password: URLs handed out before still work
+        assert redis.Redis.from_url(url).xlen(protocol.keys(session_id).res) == 1
+        assert _row(run, session_id).split()[2:4] == ["down", "stopped"]
+        assert run("session", "start", "--name", session_id).returncode == 0
+        assert _json(run, session_id, "echo after")["stdout"] == "after\n"
+    finally:
+        run("session", "stop", session_id)
+        run("down")
+
+
+def test_ctrl_c_on_exec_cancels_the_command(cli: Cli, session: str) -> None:
+    proc = cli.popen("exec", session, "--", "sleep 30")
+    r = redis.Redis.from_url(cli.url())
+    wait_for(lambda: r.hget(protocol.keys(session).meta, "current"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert b"Traceback" not in err and b"shellq: interrupted; command c-" in err
+    wait_for(lambda: r.xlen(protocol.keys(session).res) == 1)
+    [(_, fields)] = r.xrange(protocol.keys(session).res)
+    assert fields[b"status"] == b"cancelled"
+    assert cli("exec", session, "--", "echo next").stdout == b"next\n"
+
+
+BAD_SITUATIONS = {
+    "no server": {},
+    "nothing listening": {"SHELLQ_REDIS_URL": "redis://127.0.0.1:{closed}/0", "SHELLQ_RETRY_FOR": "0"},
+    "wrong password": {"SHELLQ_REDIS_URL": "redis://:wrong@127.0.0.1:{port}/0", "SHELLQ_RETRY_FOR": "0"},
+}
+VERBS = [
+    ("session", "list"),
+    ("session", "start", "--name", "s1"),
+    ("session", "start", "--backend", "docker", "--name", "s1"),
+    ("session", "stop", "s1"),
+    ("session", "stop", "s1", "--keep"),
+    ("exec", "s1", "--", "true"),
+    ("gc",),
+]
+
+
+@pytest.mark.parametrize("situation", sorted(BAD_SITUATIONS))
+def test_every_verb_fails_in_one_line_without_a_traceback(cli: Cli, tmp_path: Path, situation: str) -> None:
+    port = json.loads((Path(cli.env["SHELLQ_HOME"]) / "server.json").read_text())["port"]
+    env = {k: v.format(closed=free_port(), port=port) for k, v in BAD_SITUATIONS[situation].items()}
+    lonely = Cli(tmp_path)  # a home where `shellq up` never ran
+    for verb in VERBS:
+        done = lonely(*verb, env=env)
+        lines = [line for line in done.stderr.decode().splitlines() if not line.startswith("shellq: using")]
+        assert done.returncode == (125 if verb[0] == "exec" else 1), (verb, done.stderr)
+        assert len(lines) == 1 and lines[0].startswith("shellq: "), (verb, done.stderr)
+        assert "Traceback" not in done.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("session", "start", "--name", "bad:name"),
+        ("session", "stop", "-bad"),
+        ("exec", "bad name", "--", "true"),
+        ("exec", "s1"),
+        ("exec", "s1", "--env", "NOEQUALS", "--", "true"),
+        ("image", "build", "--base", "shellq-no-such-base:1", "--tag", "shellq-no-such:1"),
+    ],
+)
+def test_bad_arguments_get_one_line(cli: Cli, args: tuple[str, ...]) -> None:
+    done = cli(*args)
+    assert done.returncode in (1, 2, 125), done.stderr
+    assert b"Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(b"shellq")
+
+
+def test_docker_and_rq_come_with_shellq() -> None:
+    from importlib.metadata import requires
+
+    plain = [r.split(">")[0].split(";")[0] for r in requires("shellq") or [] if "extra ==" not in r]
+    assert {"docker", "rq"} <= set(plain)
+
+
+def test_up_after_down_says_when_the_old_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    run = Cli(tmp_path)
+    assert run("up", "--data-dir", str(tmp_path / "data")).returncode == 0
+    before = json.loads((tmp_path / "server.json").read_text())
+    assert run("down").returncode == 0
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", before["port"]))
+        up = run("up")  # no --data-dir: the one `down` left
+        try:
+            assert up.returncode == 0, up.stderr
+            assert f"port {before['port']} is taken now".encode() in up.stderr
+            after = json.loads((tmp_path / "server.json").read_text())
+            assert after["data_dir"] == before["data_dir"] and after["port"] != before["port"]
+            assert after["url"].split("@")[0] == before["url"].split("@")[0]  # the same password
+        finally:
+            run("down")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,44 @@ def test_shell_catalogue_passes_inside_a_container(backend: DockerBackend, sessi
     text = out.decode(errors="replace")
     assert code == 0, text[-3000:]
     assert " passed" in text.splitlines()[-1]
+
+
+def _shellq(redis_url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "SHELLQ_REDIS_URL": redis_url, **FAST}
+    return subprocess.run([str(SHELLQ), *args], capture_output=True, env=env, timeout=120, check=False)
+
+
+def test_cli_docker_session_without_its_image_names_the_build_to_run(
+    engine: docker.DockerClient, redis_url: str, session_id: str
+) -> None:
+    tag = "shellq-worker:never-built"
+    done = _shellq(redis_url, "session", "start", "--backend", "docker", "--image", tag, "--name", session_id)
+    assert done.returncode == 1
+    assert done.stderr.decode().splitlines() == [
+        f"shellq: no image {tag} on this Docker host: build it with `shellq image build --tag {tag}`"
+        " (add --base IMAGE for another base than python:3.12-slim)"
+    ]
+    assert not _has(engine, tag)  # nothing was pulled
+    assert not engine.containers.list(all=True, filters={"label": f"{LABEL}={session_id}"})
+
+
+def test_cli_docker_stop_keep_resumes_and_stop_frees_the_name(image: str, redis_url: str, session_id: str) -> None:
+    start = ("session", "start", "--backend", "docker", "--image", image, "--name", session_id)
+    assert _shellq(redis_url, *start).returncode == 0
+    try:
+        first = _shellq(redis_url, "exec", session_id, "--json", "--", "echo one")
+        assert _shellq(redis_url, "session", "stop", session_id, "--keep").returncode == 0
+        assert _shellq(redis_url, *start).returncode == 0  # same streams, a new container
+        second = _shellq(redis_url, "exec", session_id, "--json", "--", "echo two")
+        one, two = json.loads(first.stdout), json.loads(second.stdout)
+        assert (one["stdout"], two["stdout"]) == ("one\n", "two\n")
+        assert two["shell_epoch"] == one["shell_epoch"] + 1
+        assert _shellq(redis_url, "session", "stop", session_id).returncode == 0
+        again = _shellq(redis_url, *start)
+        assert again.returncode == 0, again.stderr.decode()  # the name is free: a new session, no history
+        assert (
+            json.loads(_shellq(redis_url, "exec", session_id, "--json", "--", "true").stdout)["status"] == "completed"
+        )
+        assert Client(redis_url).redis.xlen(protocol.keys(session_id).res) == 1
+    finally:
+        _shellq(redis_url, "session", "stop", session_id)
