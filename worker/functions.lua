@@ -1,5 +1,5 @@
 #!lua name=shellq
--- shellq's atomic steps (DESIGN.md "Guarantees"). Each checks before it writes, so a replay changes nothing, and
+-- shellq's atomic steps (docs/design.md "Guarantees"). Each checks before it writes, so a replay changes nothing, and
 -- every step of a worker is fenced by its lease token: a worker that lost its lease can neither take nor commit.
 
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
