@@ -5,12 +5,14 @@ from producer.result import Result
 from worker.errors import (
     ConfigError,
     InvalidRequestError,
+    InvalidResultError,
     NoWorkerError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
     SessionStateLostError,
     ShellqError,
+    WaitError,
 )
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "ClientSettings",
     "ConfigError",
     "InvalidRequestError",
+    "InvalidResultError",
     "NoWorkerError",
     "QueueFullError",
     "RedisUnavailableError",
@@ -26,4 +29,5 @@ __all__ = [
     "Session",
     "SessionStateLostError",
     "ShellqError",
+    "WaitError",
 ]

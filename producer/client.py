@@ -21,14 +21,16 @@ from worker import protocol
 from worker.errors import (
     ConfigError,
     InvalidRequestError,
+    InvalidResultError,
     NoWorkerError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
     SessionStateLostError,
     ShellqError,
+    WaitError,
 )
-from worker.protocol import CommandRequest, CommandResult, ControlRequest, EnvSettings
+from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError, EnvSettings
 
 RUN_MARGIN = 30.0
 """`run()` waits this much longer than the command's timeout before giving up on a result."""
@@ -50,6 +52,8 @@ class ClientSettings(EnvSettings):
     """Unfinished commands a session may hold until its worker has said its own cap."""
     retry_for: float = Field(default=10.0, ge=0)
     """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
+    results_maxlen: int = Field(default=10_000, ge=1)
+    """About how many results a session's result stream keeps (the `cancelled` result of a wait that gives up)."""
 
 
 @contextmanager
@@ -122,6 +126,22 @@ class Client:
             self._idle.append(conn)
         return replies
 
+    def fcall(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """`send` commands that call shellq's functions (FCALL); loads the library first if this client has not, and
+        again if Redis answers "Function not found" (it came back empty). ConfigError for a library of another
+        version; other error replies raise redis.ResponseError."""
+        self.ensure_functions()
+        for attempt in (1, 2):
+            try:
+                return self.send(*commands)
+            except redis.ResponseError as e:
+                if refusal := protocol.version_refusal(e):
+                    raise refusal from None
+                if "Function not found" not in str(e) or attempt == 2:
+                    raise
+                self.ensure_functions(again=True)
+        raise AssertionError("unreachable")
+
     def ensure_functions(self, again: bool = False) -> None:
         """Load shellq's Redis functions unless this client did already (`protocol.load_functions`); `again` after
         Redis answered "Function not found" (it came back empty)."""
@@ -164,8 +184,13 @@ class Session:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
     ) -> Result:
-        """Submit a command and wait for its result. `timeout` is the execution limit: an overrun returns a
-        result with status `timeout`; the wait itself lasts up to the timeout plus a margin."""
+        """Submit a command and wait for its result. `timeout` is the execution limit in seconds: an overrun returns
+        a result with status `timeout`; the wait itself lasts up to the timeout plus RUN_MARGIN (30 s). A wait that
+        gives up (NoWorkerError: no worker serves the session; ResultTimeoutError) cancels the command if no worker
+        has taken it yet: the error's `cancelled` is then True and the command never runs. If a worker had taken
+        it, `cancelled` is False (it is running or ran); if its result came meanwhile, that result is returned.
+        Raises SessionStateLostError, QueueFullError, ConfigError, InvalidRequestError, InvalidResultError (a result
+        entry that cannot be read) and RedisUnavailableError as well."""
         req = self._request(cmd, id, timeout, idempotent, env, cwd)
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
@@ -173,25 +198,27 @@ class Session:
         cid, new, reply = self._submit(req, read_from=self._last_seen)
         if not new:
             return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
-        found = self._scan(cid, reply)
+        try:
+            found = self._scan(cid, reply)
+        except InvalidResultError as e:
+            return self._give_up(cid, e, cancel=True)
         return found or self._wait(cid, deadline)
 
-    def result(self, command_id: str, timeout: float = 60.0) -> Result:
+    def result(self, command_id: str, timeout: float = 60.0, *, cancel: bool = True) -> Result:
         """The result of a command, waiting up to `timeout` seconds for it. Raises ResultTimeoutError when it does
-        not come in time and NoWorkerError when no worker serves the session."""
+        not come in time and NoWorkerError when no worker serves the session; as in `run`, giving up cancels the
+        command if no worker has taken it yet (the error's `cancelled` says so), unless `cancel` is False (to poll
+        a command that should stay queued). InvalidResultError when its result entry cannot be read."""
         deadline = time.monotonic() + timeout
         with _redis_errors(self.client.settings.redis_url):
             pipe = self.client.redis.pipeline(transaction=False)
             pipe.hget(self.keys.jrnl(command_id), "res")
             pipe.xrevrange(self.keys.res, count=1)
             rid, tail = pipe.execute()
-            if rid is not None:
-                entries: Any = self.client.redis.xrange(self.keys.res, rid, rid)
-                if not entries:
-                    raise ShellqError(f"the result of {command_id} was trimmed from {self.keys.res}")
-                return _decode(entries[0][1])
+        if rid is not None:
+            return self._read_result(command_id, rid.decode())
         self._last_seen = tail[0][0].decode() if tail else "0-0"
-        return self._wait(command_id, deadline)
+        return self._wait(command_id, deadline, cancel)
 
     def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""
@@ -242,17 +269,7 @@ class Session:
         commands = [submit]
         if read_from is not None:
             commands.append(("XREAD", "COUNT", _READ_COUNT, "BLOCK", 1000, "STREAMS", k.res, read_from))
-        self.client.ensure_functions()
-        for attempt in (1, 2):
-            try:
-                replies = self.client.send(*commands)
-                break
-            except redis.ResponseError as e:
-                if refusal := protocol.version_refusal(e):
-                    raise refusal from None
-                if "Function not found" not in str(e) or attempt == 2:
-                    raise
-                self.client.ensure_functions(again=True)
+        replies = self.client.fcall(*commands)
         outcome = int(replies[0][0])
         if outcome == -1:
             depth, cap = replies[0][1], replies[0][2]
@@ -260,7 +277,8 @@ class Session:
         if outcome == -2 and replies[0][1] == b"lost":
             raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
         if outcome == -2:
-            raise NoWorkerError(f"session {self.id}: its environment is gone (container exited); start it again")
+            message = f"session {self.id}: its environment is gone (container exited); start it again"
+            raise NoWorkerError(message + f"; {req.id} was not queued", cancelled=True)
         return req.id, bool(outcome), replies[1] if read_from is not None else None
 
     def _tail(self) -> str:
@@ -274,24 +292,82 @@ class Session:
         for eid, fields in protocol.stream_entries(reply):
             self._last_seen = eid
             if fields.get(b"id") == wanted:
-                return _decode(fields)
+                return self._decode(command_id, eid, fields)
         return None
 
-    def _wait(self, command_id: str, deadline: float) -> Result:
+    def _read_result(self, command_id: str, rid: str) -> Result:
+        """The result entry `rid` of `command_id` (XRANGE res rid rid)."""
+        with _redis_errors(self.client.settings.redis_url):
+            entries: Any = self.client.redis.xrange(self.keys.res, rid, rid)
+        if not entries:
+            raise ShellqError(f"the result of {command_id} was trimmed from {self.keys.res}")
+        return self._decode(command_id, rid, entries[0][1])
+
+    def _decode(self, command_id: str, rid: str, fields: dict[bytes, bytes]) -> Result:
+        """A result entry as a Result; InvalidResultError naming the entry when it cannot be read."""
+        try:
+            return Result.from_wire(protocol.decode(CommandResult, fields))
+        except (DecodeError, ValidationError) as e:
+            where = f"result entry {rid} on {self.keys.res} (for command {command_id})"
+            raise InvalidResultError(f"{where} cannot be read: {e}") from None
+
+    def _wait(self, command_id: str, deadline: float, cancel: bool = True) -> Result:
         """XREAD BLOCK the result stream in slices of at most a second until the result arrives; between slices,
-        make sure some worker is alive."""
+        make sure some worker is alive. Giving up (no worker, no time left, an unreadable result entry) goes through
+        `_give_up`."""
         started = time.monotonic()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+                timeout = ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+                return self._give_up(command_id, timeout, cancel)
             block = max(1, int(min(remaining, 1.0) * 1000))
             read = ("XREAD", "COUNT", _READ_COUNT, "BLOCK", block, "STREAMS", self.keys.res, self._last_seen or "0-0")
-            found = self._scan(command_id, self.client.send(read)[0])
-            if found:
-                return found
-            if time.monotonic() - started >= self.client.settings.no_worker_after:
-                self._check_worker()
+            try:
+                found = self._scan(command_id, self.client.send(read)[0])
+                if found:
+                    return found
+                if time.monotonic() - started >= self.client.settings.no_worker_after:
+                    self._check_worker()
+            except (NoWorkerError, InvalidResultError) as e:
+                return self._give_up(command_id, e, cancel)
+
+    def _give_up(self, command_id: str, error: WaitError, cancel: bool) -> Result:
+        """End a wait: cancel the command unless a worker took it (`_cancel`), then raise `error` saying which;
+        return its result instead if one was committed meanwhile."""
+        if not cancel:
+            raise error
+        outcome, rid = self._cancel(command_id, str(error))
+        if rid is not None and outcome != "cancelled":
+            return self._read_result(command_id, rid)
+        if outcome == "cancelled":
+            raise type(error)(f"{error}; {command_id} had not started: it is cancelled and will never run", True)
+        if outcome == "started":
+            raise type(error)(
+                f"{error}; {command_id} had started (a worker took it): it is running or ran, and its result comes "
+                "when a worker commits it"
+            )
+        raise error
+
+    def _cancel(self, command_id: str, reason: str) -> tuple[str, str | None]:
+        """FCALL shellq_cancel: answer the command `cancelled` unless a worker took it, in one atomic step (no worker
+        runs it after that). -> ("cancelled", result id) | ("answered", result id) | ("started", None) |
+        ("unknown", None): the session never accepted this id (or its journal expired)."""
+        k, settings = self.keys, self.client.settings
+        with _redis_errors(settings.redis_url):
+            raw: Any = self.client.redis.hget(k.jrnl(command_id), "entry")
+        if raw is None:
+            return "unknown", None
+        entry_id = raw.decode()
+        result = CommandResult(
+            id=command_id, entry_id=entry_id, status="cancelled", error=f"cancelled before it started: {reason}"
+        )
+        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 4, k.cmd, k.jrnl(command_id), k.res, k.meta)
+        call += (protocol.CALLER, protocol.GROUP, entry_id, settings.journal_ttl, settings.results_maxlen)
+        call += tuple(x for kv in protocol.encode(result).items() for x in kv)
+        (reply,) = self.client.fcall(call)
+        outcome = {1: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")
+        return outcome, reply[1].decode() if len(reply) > 1 else None
 
     def worker_alive(self) -> bool:
         """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and not stopped?"""
@@ -354,7 +430,3 @@ def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
     if error is not None:
         raise error
     return replies
-
-
-def _decode(fields: dict[bytes, bytes]) -> Result:
-    return Result.from_wire(protocol.decode(CommandResult, fields))

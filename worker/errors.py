@@ -7,8 +7,16 @@ ShellqError
 ├── RedisUnavailableError(ShellqError, ConnectionError)  Redis cannot be reached (after retries)
 ├── RedisReplyError                              Redis answered the worker's own client with an error
 ├── SessionStateLostError                        Redis came back without the session's consumer group
-├── NoWorkerError                                nobody is serving the session: no live heartbeat
-└── ResultTimeoutError(ShellqError, TimeoutError) the wait for a result ran out (the command may still run)
+├── FencedError                                  a worker's lease was taken over: it may no longer take or commit
+└── WaitError                                    a producer's wait for a result ended without one
+    ├── NoWorkerError                            nobody is serving the session: no live heartbeat
+    ├── ResultTimeoutError(WaitError, TimeoutError) the wait ran out of time
+    └── InvalidResultError(WaitError, ValueError) the command's result entry cannot be read (hand-written, garbage)
+
+A WaitError's `cancelled` says what became of the command waited for. True: it did not run and never will (no
+worker had taken it, so the wait cancelled it and its result is `cancelled`; or it was never queued). False: a worker
+had taken it (it is running or ran; its result comes when a worker commits it), or nothing was cancelled (an id the
+session does not know, or a wait told not to cancel).
 """
 
 from __future__ import annotations
@@ -46,9 +54,21 @@ class FencedError(ShellqError):
     """This worker's lease on the session expired and another worker holds it: it may no longer take or commit."""
 
 
-class NoWorkerError(ShellqError):
+class WaitError(ShellqError):
+    """A wait for a result ended without one; `cancelled`: the command had not started and never will (see above)."""
+
+    def __init__(self, message: str, cancelled: bool = False) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
+
+
+class NoWorkerError(WaitError):
     """No worker has a live heartbeat on the session, so a result would never come."""
 
 
-class ResultTimeoutError(ShellqError, TimeoutError):
-    """No result within the time the caller was willing to wait; the command may still be queued or running."""
+class ResultTimeoutError(WaitError, TimeoutError):
+    """No result within the time the caller was willing to wait; unless `cancelled`, the command may still run."""
+
+
+class InvalidResultError(WaitError, ValueError):
+    """A result entry for the command waited for cannot be decoded; the message names the stream and the entry."""

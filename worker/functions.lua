@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 2
+local VERSION = 3
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -41,11 +41,84 @@ local function submit(keys, args)
   return {1, eid}
 end
 
--- Take the next new command for the lease holder (XREADGROUP ... COUNT 1 >, never blocking).
--- KEYS: cmd, lease   ARGV: token, group, consumer   -> the XREADGROUP reply, or nil
+-- The id a command entry answers to (protocol.command_id): its client `id` when valid, else its entry id.
+local function command_id(eid, fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then
+      local v = fields[i + 1]
+      if #v <= 64 and string.find(v, '^[%w][%w_%-]*$') and not string.find(v, '^%d+%-%d+$') then return v end
+      return eid
+    end
+  end
+  return eid
+end
+
+-- shellq:{S}:jrnl:<id> from shellq:{S}:cmd (the journal keys are named by the command id, not known in advance)
+local function journal_key(cmd_key, id)
+  return string.sub(cmd_key, 1, #cmd_key - 3) .. 'jrnl:' .. id
+end
+
+-- Take the next new command for the lease holder (XREADGROUP ... COUNT 1 >, never blocking). An entry answered
+-- before it was taken (cancelled by a producer that gave up waiting) is acknowledged and skipped: it never runs.
+-- Given the journal ttl (the worker), the command id is claimed for the entry (journal `entry`) unless another
+-- entry holds it, and the reply names the id's owner: when that is another entry, the worker answers this one
+-- `rejected` as a duplicate. Without it (a reaper answering what is left), the reply is XREADGROUP's own.
+-- KEYS: cmd, lease   ARGV: token, group, consumer[, journal ttl]
+-- -> {XREADGROUP reply, entry id owning the command id} with the ttl, else the XREADGROUP reply | nil
 local function take(keys, args)
   if not holds_lease(keys[2], args[1]) then return redis.error_reply('FENCED lease lost') end
-  return redis.call('XREADGROUP', 'GROUP', args[2], args[3], 'COUNT', 1, 'STREAMS', keys[1], '>')
+  while true do
+    local reply = redis.call('XREADGROUP', 'GROUP', args[2], args[3], 'COUNT', 1, 'STREAMS', keys[1], '>')
+    if not reply then return nil end
+    local eid, fields = reply[1][2][1][1], reply[1][2][1][2]
+    local jrnl = journal_key(keys[1], command_id(eid, fields))
+    local meta = redis.call('HMGET', jrnl, 'entry', 'res')
+    if meta[1] == eid and meta[2] then
+      redis.call('XACK', keys[1], args[2], eid)
+    elseif not args[4] then
+      return reply
+    else
+      if not meta[1] then
+        redis.call('HSET', jrnl, 'entry', eid)
+        redis.call('EXPIRE', jrnl, args[4])
+      end
+      return {reply, meta[1] or eid}
+    end
+  end
+end
+
+-- Has the consumer group delivered entry `eid` (is it at or below the group's last-delivered-id)? No group yet
+-- (no worker ever served the session) or no stream: not delivered.
+local function delivered(cmd_key, group, eid)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', cmd_key)
+  if not ok then return false end
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then
+      local last_ms, last_seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
+      local ms, seq = string.match(eid, '^(%d+)-(%d+)$')
+      last_ms, last_seq, ms, seq = tonumber(last_ms), tonumber(last_seq), tonumber(ms), tonumber(seq)
+      return ms < last_ms or (ms == last_ms and seq <= last_seq)
+    end
+  end
+  return false
+end
+
+-- Cancel a command no worker has taken yet: publish its result (`cancelled`, built by the caller) so that no
+-- worker ever runs it (the take skips it). A command already taken cannot be cancelled here: it counts as started.
+-- KEYS: cmd, jrnl:<id>, res, meta   ARGV: group, entry id, journal ttl, results maxlen, field, value, ...
+-- -> {1, result id} cancelled | {0, result id} answered before | {2} taken: started | {-1} not this entry's id
+local function cancel(keys, args)
+  local meta = redis.call('HMGET', keys[2], 'entry', 'res')
+  if meta[2] then return {0, meta[2]} end
+  if meta[1] ~= args[2] then return {-1} end
+  if delivered(keys[1], args[1], args[2]) then return {2} end
+  local rid = redis.call('XADD', keys[3], 'MAXLEN', '~', args[4], '*', unpack(args, 5))
+  redis.call('HINCRBY', keys[4], 'settled', 1)
+  redis.call('HSET', keys[2], 'res', rid)
+  redis.call('EXPIRE', keys[2], args[3])
+  return {1, rid}
 end
 
 -- Publish a command's one result, record it in the journal and acknowledge the command entry.
@@ -126,6 +199,7 @@ end
 redis.register_function('shellq_submit', versioned(submit))
 redis.register_function('shellq_take', versioned(take))
 redis.register_function('shellq_commit', versioned(commit))
+redis.register_function('shellq_cancel', versioned(cancel))
 redis.register_function('shellq_acquire', versioned(acquire))
 redis.register_function('shellq_heartbeat', versioned(heartbeat))
 redis.register_function{function_name = 'shellq_alive', callback = versioned(alive), flags = {'no-writes'}}

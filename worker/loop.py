@@ -65,6 +65,7 @@ class Worker:
         self._taken = 0
         self._lease_fresh_until = 0.0
         self._control: Control | None = None
+        self._serving = False  # holds the session's lease (the session's meta is this worker's to write)
 
     def _new_shell(self) -> Shell:
         s = self.settings
@@ -80,7 +81,8 @@ class Worker:
         """Run the loop; returns the process exit code."""
         done = 0
         try:
-            self._start()
+            if not self._start():
+                return EXIT_OK  # stopped before it ever served: nothing to settle
             while (not self.stopping.is_set() or self._backlog) and (max_commands is None or done < max_commands):
                 try:
                     entry = self._next()
@@ -97,6 +99,7 @@ class Worker:
             return EXIT_STATE_LOST
         except FencedError as e:
             log.error("%s", e)
+            self._serving = False
             return EXIT_FENCED
         except ConfigError as e:
             log.error("%s", e)
@@ -129,17 +132,22 @@ class Worker:
             self._control.join()
         self.shell.close()
         try:
-            self.store.redis.call("HSET", self.store.keys.meta, "state", "stopped", "current", "")
+            if self._serving:  # a worker that waited for the lease or lost it must not mark its successor stopped
+                self.store.record_stop()
         except (RedisUnavailableError, RedisReplyError) as e:
             log.warning("could not record the stop: %s", e)
         self.store.close()
 
     # -- start and recovery ----------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Get ready to serve; False when asked to stop while waiting for the lease."""
         self.store.load_functions()
         check_durability(self.store)
-        self._wait_for_lease()
+        if not self._wait_for_lease():
+            log.info("stopped while waiting for the lease of session %s", self.settings.session)
+            return False
+        self._serving = True
         self.store.open_session(self.work_dir / ".shellq-session")
         previous = self.store.redis.call("HGET", self.store.keys.meta, "shell_epoch")
         if previous is not None:  # a new worker means a new bash: its epoch continues the session's count
@@ -150,16 +158,19 @@ class Worker:
         self._recover()
         self._last = self.store.last_delivered()
         log.info("serving session %s (pid %d, lease epoch %d)", self.settings.session, os.getpid(), self.store.epoch)
+        return True
 
-    def _wait_for_lease(self) -> None:
+    def _wait_for_lease(self) -> bool:
+        """Wait until this worker holds the session's lease (True), or until it is asked to stop (False)."""
         said = False
         while self.store.acquire() is None:
             if not said:
                 log.info("session %s is served by another worker; waiting for its lease", self.settings.session)
                 said = True
             if self.stopping.wait(min(0.5, self.settings.lease_ttl / 4)):
-                raise FencedError("stopped while waiting for the lease")
+                return False
         self._kill_predecessor()
+        return True
 
     def _kill_predecessor(self) -> None:
         """A predecessor on this machine that lost the lease (paused, say) must not go on running its command."""
@@ -192,6 +203,9 @@ class Worker:
             self.store.commit(entry_id, _result(cid, entry_id, "lost", "the entry was trimmed before it ran"))
             return
         cid = protocol.command_id(entry_id, fields)
+        if original := self.store.original(cid, entry_id):
+            self.store.commit(entry_id, _duplicate(cid, entry_id, original))
+            return
         if self.store.redis.call("HEXISTS", self.store.keys.jrnl(cid), "res"):
             self.store.commit(entry_id, _result(cid, entry_id, "interrupted", ""))  # only acknowledges
             return
@@ -252,6 +266,8 @@ class Worker:
         if fields is None:
             return _result(entry_id, entry_id, "lost", "the command entry was trimmed or deleted before it ran")
         cid = protocol.command_id(entry_id, fields)
+        if original := self.store.original(cid, entry_id):
+            return _duplicate(cid, entry_id, original)
         if protocol.entry_size(fields) > protocol.MAX_ENTRY_BYTES:
             return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
         try:
@@ -370,6 +386,7 @@ class Worker:
             self._lease_fresh_until = time.monotonic() + self.settings.lease_ttl / 2
             return
         log.error("lost the lease of session %s to another worker; stopping", self.settings.session)
+        self._serving = False
         self._lease_fresh_until = 0.0
         self.stopping.set()
         self._terminate()
@@ -377,3 +394,10 @@ class Worker:
 
 def _result(cid: str, entry_id: str, status: protocol.Status, error: str, shell_epoch: int = 0) -> CommandResult:
     return CommandResult(id=cid, entry_id=entry_id, status=status, error=error or None, shell_epoch=shell_epoch)
+
+
+def _duplicate(cid: str, entry_id: str, original: str) -> CommandResult:
+    """The result of an entry that reuses the command id of another entry: `rejected` under its own entry id (the
+    command id's result stays the original's), never run."""
+    error = f"duplicate command id {cid!r}: it belongs to entry {original}; this entry was not run"
+    return _result(entry_id, entry_id, "rejected", error)

@@ -51,6 +51,7 @@ class SessionStore:
         self.token = settings.instance
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
+        self._owners: dict[str, str] = {}  # entry id -> the entry owning its command id, for entries just taken
 
     def wake(self) -> None:
         """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
@@ -95,6 +96,12 @@ class SessionStore:
                 )
             )
         )
+
+    def record_stop(self) -> None:
+        """Mark the session's worker stopped in meta (HSET state stopped), unless another worker holds the lease now
+        (GET lease): its session is not stopped."""
+        if self.redis.call("GET", self.keys.lease) in (None, self.token.encode()):
+            self.redis.call("HSET", self.keys.meta, "state", "stopped", "current", "")
 
     def _call(self, step: Callable[[], Any]) -> Any:
         """Run one fenced step. FENCED -> FencedError, unless the session's state is gone altogether
@@ -177,16 +184,31 @@ class SessionStore:
         """Wait until the command stream has an entry newer than `after` (XREAD BLOCK), then FCALL shellq_take: the
         next new command, delivered to this lease holder (it counts as started from now). One round trip: Redis
         runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts.
-        A `commit` (see `commit_and_take`) goes first in the same round trip."""
+        A `commit` (see `commit_and_take`) goes first in the same round trip. The take skips (acknowledges) entries
+        a producer cancelled before any worker took them, and remembers who owns the taken entry's command id
+        (see `original`)."""
         k = self.keys
         wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
-        take = ("FCALL", "shellq_take", 2, k.cmd, k.lease, protocol.CALLER, self.token, protocol.GROUP, CONSUMER)
+        take: tuple[Any, ...] = ("FCALL", "shellq_take", 2, k.cmd, k.lease, protocol.CALLER, self.token)
+        take += (protocol.GROUP, CONSUMER, self.settings.journal_ttl)
         calls = (commit, wait, take) if commit else (wait, take)
         *_, seen, reply = self._call(lambda: self.redis.pipeline(*calls))
-        entries, newer = _entries(reply), _entries(seen)
-        if entries:
-            return entries[0], entries[0][0]
+        if reply:
+            entry = _entries(reply[0])[0]
+            self._owners[entry[0]] = reply[1].decode()
+            return entry, entry[0]
+        newer = _entries(seen)
         return None, newer[-1][0] if newer else after  # never wait again on an entry someone else took
+
+    def original(self, command_id: str, entry_id: str) -> str | None:
+        """The entry that owns `command_id` when it is not `entry_id` (which then duplicates it), else None. The
+        owner is the entry the command's journal names (`entry`): known from the take for a new entry, else read
+        (HGET jrnl:<id> entry) for one recovered after a crash or a lost reply."""
+        owner = self._owners.pop(entry_id, None)
+        if owner is None:
+            raw: Any = self.redis.call("HGET", self.keys.jrnl(command_id), "entry")
+            owner = raw.decode() if raw else entry_id
+        return owner if owner != entry_id else None
 
     def last_delivered(self) -> str:
         """The consumer group's last delivered entry id (XINFO GROUPS)."""
