@@ -13,7 +13,8 @@
                                                (or "no worker, N queued")
     shellq exec S [--timeout T] [--json] [--env K=V] [--cwd DIR] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
-                                               (124 timeout, 130 cancelled, 125 when shellq could not run it)
+                                               (124 timeout, 130 cancelled, 125 when shellq could not run it
+                                               and never will, 75 when it started but its result never came)
     shellq gc                                  remove session containers whose worker is gone
     shellq worker                              serve one session (same as python -m worker)
 
@@ -38,13 +39,15 @@ import redis
 from producer.client import Client, ClientSettings
 from producer.result import Result
 from worker import protocol
-from worker.errors import ShellqError
+from worker.errors import ShellqError, WaitError
 
 if TYPE_CHECKING:
     from containers.backend import Backend
     from containers.local import LocalBackend
 
 EXIT_TIMEOUT, EXIT_SHELLQ, EXIT_CANCELLED = 124, 125, 130
+EXIT_STARTED = 75
+"""The command started but the wait ended before its result (its worker went away): it may have run, or still run."""
 
 
 class CliError(ShellqError):
@@ -339,6 +342,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         session.interrupt(cid)
         print(f"shellq: interrupted; command {cid} is being cancelled", file=sys.stderr)
         return EXIT_CANCELLED
+    except WaitError as e:
+        if e.cancelled:
+            raise  # 125: it did not run and never will
+        print(f"shellq: {e} (command {cid}; do not retry it blindly: it started)", file=sys.stderr)
+        return EXIT_STARTED
     if args.json:
         print(json.dumps(_json_view(r)))
     else:

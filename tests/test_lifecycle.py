@@ -216,6 +216,18 @@ def test_exec_to_a_session_without_worker_exits_125_and_never_runs_later(
     assert not marker.exists()
 
 
+def test_exec_whose_worker_died_after_taking_the_command_exits_75_not_125(
+    redis_server: RedisServer, worker_process: WorkerProcess, session_id: str
+) -> None:
+    """125 means "did not run and never will"; a command a worker took may have run: `exec` says so with 75."""
+    first = worker_process(session_id, env={"SHELLQ_FAULT": "taken"})
+    proc = shellq(redis_server, "exec", session_id, "--", "echo maybe", SHELLQ_NO_WORKER_AFTER="1")
+    _, err = proc.communicate(timeout=60)
+    assert first.wait(timeout=20) == -signal.SIGKILL
+    assert proc.returncode == 75, err
+    assert b"started" in err and b"Traceback" not in err, err
+
+
 # -- an entry that reuses another entry's command id -------------------------------------------------------------
 
 

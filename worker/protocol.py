@@ -37,8 +37,8 @@ GROUP = "shellq"
 
 Status = Literal["completed", "timeout", "cancelled", "interrupted", "shell_exited", "rejected", "lost", "unavailable"]
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_ENTRY_ID = re.compile(rb"^\d+-\d+$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_ENTRY_ID = re.compile(rb"^\d+-\d+\Z")
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -144,7 +144,7 @@ class CommandRequest(WireModel):
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         for name in value or {}:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", name):
                 raise ValueError(f"invalid environment variable name {name!r}")
         return value
 

@@ -47,7 +47,7 @@ SHELL_ENV_DEFAULTS = {
     "LANG": "C.UTF-8",
 }
 _ENV_DROPPED = ("BASH_ENV", "ENV", "PROMPT_COMMAND", "HISTFILE")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _TICK = 0.2  # seconds between checks that bash was not stopped, is not back at its prompt unreported, and reaping
 _QUIET = 0.002
 """Seconds a command runs before its output FIFOs are watched (read as they fill) rather than read at its end: a

@@ -41,7 +41,7 @@ _TRAPS = (
     '[[ ! -s %(d)s/t ]] || { \\__shellq_guard_traps; \\builtin eval "$__shellq_t"; }'
 )
 """Top-level code (RETURN and DEBUG traps are not visible inside a function) that wraps the traps a command set."""
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]+$")
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]+\Z")
 _GUARD = "[[ ${BASH_SOURCE[@]: -1:1} == @(|main) ]] || {\n"
 """Prefix of a wrapped trap: outside the command file (at the prompt, where BASH_SOURCE is empty, and in the
 driver's functions, defined on stdin: `main`) the trap does nothing."""
