@@ -4,9 +4,10 @@ Each command costs bash two short lines on its stdin:
 
     \\__shellq_begin NONCE GEN     re-asserts what the driver needs (a command may have changed any of it), then
                                   defines the alias below with this command's nonce and FIFO generation
-    __shellq_run                  the alias: `{ source FILE </dev/null >OUT 2>ERR; } >/dev/null 2>&1;
-                                  __shellq_report NONCE "$?"`, expanded at top level so `declare`, `return` and
-                                  `local` in the command behave as typed at a prompt
+    __shellq_run                  the alias: wrap the traps the last command set (see below), then
+                                  `{ source FILE </dev/null >OUT 2>ERR; } >/dev/null 2>&1; __shellq_report NONCE "$?"`,
+                                  expanded at top level so `declare`, `return` and `local` in the command behave
+                                  as typed at a prompt
 
 The report is one NUL-terminated record `NONCE RC STATE CWD` opened and written to the report FIFO at report time
 (no descriptor of shellq's lives in bash, so `ulimit -n` and `exec N>&-` cannot take one away). STATE is `ok`, or
@@ -20,12 +21,12 @@ What the driver is immune to, and how (see docs/design.md, "The shell"):
   clobbering redirection, no variable the command could need; xtrace of the driver goes to /dev/null.
 * aliases: the driver's words are quoted or inside functions (aliases expand when a function is defined).
 * functions that shadow builtins: every builtin is called as `builtin X`; a function named `builtin` is removed.
-* builtins disabled with `enable -n`: the ones the driver needs are enabled again.
+* builtins disabled with `enable -n` (`builtin` itself included): the ones the driver needs are enabled again.
 * the driver's functions are read-only: a command cannot redefine or unset them.
 * RETURN, ERR and DEBUG traps: wrapped so they run only inside the command file, never for the driver's own steps
   (a RETURN trap fires once, at the end of the command that set it, as that command's own output).
-* what bash cannot come back from (`set -n`, `enable -n builtin`, a DEBUG trap that skips every command): the
-  worker sees bash back at its prompt with no report, and starts a new bash (see `worker.shell`).
+* what bash cannot come back from (`set -n`, a DEBUG trap under `extdebug` that skips every command, `enable -n
+  enable builtin`): the worker sees bash back at its prompt with no report, and starts a new bash (`worker.shell`).
 """
 
 from __future__ import annotations
