@@ -5,7 +5,7 @@ Each command costs bash two short lines on its stdin:
     \\__shellq_begin NONCE GEN     re-asserts what the driver needs (a command may have changed any of it), then
                                   defines the alias below with this command's nonce and FIFO generation
     __shellq_run                  the alias: wrap the traps the last command set (see below), then
-                                  `{ source FILE </dev/null >OUT 2>ERR; } >/dev/null 2>&1; __shellq_report NONCE "$?"`,
+                                  `{ source FILE </dev/null >OUT 2>ERR; }; __shellq_report NONCE "$?"`,
                                   expanded at top level so `declare`, `return` and `local` in the command behave
                                   as typed at a prompt
 
@@ -18,7 +18,8 @@ the command ran at all (bash may fail to make its redirections).
 What the driver is immune to, and how (see docs/design.md, "The shell"):
 
 * IFS, `set -u`, `set -f`, `set -C`, `set -a`, `set -x`, `set -v`, posix mode: no unquoted expansion, no glob, no
-  clobbering redirection, no variable the command could need; xtrace of the driver goes to /dev/null.
+  clobbering redirection, no variable the command could need; xtrace of the driver goes to bash's own stderr,
+  /dev/null (bash's stdout and stderr are /dev/null outside a command, so the driver redirects nothing else).
 * aliases: the driver's words are quoted or inside functions (aliases expand when a function is defined).
 * functions that shadow builtins: every builtin is called as `builtin X`; a function named `builtin` is removed.
 * builtins disabled with `enable -n` (`builtin` itself included): the ones the driver needs are enabled again.
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _TRAPS = (
-    "\\builtin trap -p RETURN ERR DEBUG >|%(d)s/t 2>/dev/null; "
+    "\\builtin trap -p RETURN ERR DEBUG >|%(d)s/t; "
     '[[ ! -s %(d)s/t ]] || { \\__shellq_guard_traps; \\builtin eval "$__shellq_t"; }'
 )
 """Top-level code (RETURN and DEBUG traps are not visible inside a function) that wraps the traps a command set."""
@@ -102,7 +103,7 @@ def prelude(rundir: Path) -> bytes:
             "$2",
             f" 2>{d}/e",
             "$2",
-            "; } >/dev/null 2>&1; \\__shellq_report ",
+            "; }; \\__shellq_report ",
             "$1",
             ' "$?"',
         )
@@ -110,41 +111,42 @@ def prelude(rundir: Path) -> bytes:
     text = f"""
 set -m; shopt -s expand_aliases; builtin trap 'builtin return 130' INT
 __shellq_fix() {{
-  unset -f builtin 2>/dev/null || ((1))
-  enable builtin 2>/dev/null || ((1))
-  builtin enable source printf trap alias shopt jobs return read eval unset local 2>/dev/null || ((1))
+  unset -f builtin || ((1))
+  enable builtin || ((1))
+  builtin enable source printf trap alias shopt jobs return read eval unset local || ((1))
 }}
 __shellq_begin() {{
   __shellq_fix
-  builtin shopt -s expand_aliases 2>/dev/null || ((1))
-  builtin trap 'builtin return 130' INT 2>/dev/null || ((1))
-  builtin jobs >/dev/null 2>&1 || ((1))
-  builtin alias __shellq_run="{alias}" 2>/dev/null || ((1))
+  builtin shopt -s expand_aliases || ((1))
+  builtin trap 'builtin return 130' INT || ((1))
+  builtin jobs || ((1))
+  builtin alias __shellq_run="{alias}" || ((1))
 }}
 __shellq_guard_traps() {{
   builtin local t= nl=$'\\n'
-  builtin printf -v __shellq_t '' 2>/dev/null || ((1))
-  IFS= builtin read -r -d '' t <{d}/t 2>/dev/null || ((1))
+  builtin printf -v __shellq_t '' || ((1))
+  IFS= builtin read -r -d '' t <{d}/t || ((1))
   t=$nl$t
-  builtin eval "${{t//${{nl}}trap -- /${{nl}}__shellq_wrap_trap }}" 2>/dev/null || ((1))
+  builtin eval "${{t//${{nl}}trap -- /${{nl}}__shellq_wrap_trap }}" || ((1))
 }}
 __shellq_wrap_trap() {{
   builtin local q=
   [[ $1 != {guard}* ]] || builtin return 0
-  builtin printf -v q %q {guard}"$1"$'\\n}}' 2>/dev/null || ((1))
-  builtin printf -v __shellq_t '%sbuiltin trap -- %s %s\\n' "${{__shellq_t-}}" "$q" "$2" 2>/dev/null || ((1))
+  builtin printf -v q %q {guard}"$1"$'\\n}}' || ((1))
+  builtin printf -v __shellq_t '%sbuiltin trap -- %s %s\\n' "${{__shellq_t-}}" "$q" "$2" || ((1))
 }}
 __shellq_report() {{
-  __shellq_fix
-  builtin local __shellq_s=lost __shellq_d=
-  [[ ! -p /dev/stdin ]] || __shellq_s=ok
+  unset -f builtin
+  builtin printf -v __shellq_last %s "$1" || {{ __shellq_fix; builtin printf -v __shellq_last %s "$1"; }} || ((1))
+  builtin local __shellq_s=ok __shellq_d=
+  [[ -p /dev/stdin ]] || __shellq_s=lost
   [[ ! ${{PWD-}} -ef . ]] || __shellq_d=$PWD
-  builtin printf -v __shellq_last '%s %s %s %s' "$1" "$2" "$__shellq_s" "$__shellq_d" 2>/dev/null || ((1))
-  builtin printf '%s %s %s %s\\0' "$1" "$2" "$__shellq_s" "$__shellq_d" >>{d}/r 2>/dev/null || ((1))
+  builtin printf -v __shellq_last '%s %s %s %s' "$1" "$2" "$__shellq_s" "$__shellq_d" || ((1))
+  builtin printf '%s %s %s %s\\0' "$1" "$2" "$__shellq_s" "$__shellq_d" >>{d}/r || ((1))
 }}
 __shellq_resend() {{
   __shellq_fix
-  [[ ${{__shellq_last-}} != "$1 "* ]] || builtin printf '%s\\0' "$__shellq_last" >>{d}/r 2>/dev/null || ((1))
+  [[ ${{__shellq_last-}} != "$1 "* ]] || builtin printf '%s\\0' "$__shellq_last" >>{d}/r || ((1))
 }}
 builtin readonly -f __shellq_fix __shellq_begin __shellq_guard_traps __shellq_wrap_trap __shellq_report __shellq_resend
 """
@@ -169,7 +171,7 @@ def begin_with(rundir: Path, nonce: bytes, generation: int, env: dict[str, str],
         steps += f"\\builtin cd -- {shlex.quote(cwd)} {e} && "
     line = (
         f"{_TRAPS % {'d': d}}; {{ {steps}\\builtin source {d}/c {e} {{__shellq_e}}>&-; }} "
-        f"</dev/null 2>/dev/null {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
+        f"</dev/null {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
         f'\\__shellq_report {nonce.decode()} "$?" {{__shellq_e}}>&-\n'
     )
     return b"\\__shellq_begin %s %d\n" % (nonce, generation) + line.encode(errors="surrogateescape")
