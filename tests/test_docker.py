@@ -195,6 +195,7 @@ def _has(engine: docker.DockerClient, tag: str) -> bool:
 def test_gc_removes_containers_whose_session_is_gone(backend: DockerBackend, redis_url: str, session_id: str) -> None:
     container_id = backend.start(session_id, env=FAST)
     backend.forget(session_id)  # as after `shellq session start`: the container outlives its starter
+    backend.docker.containers.get(container_id).pause()  # its worker beats no more (a beat would write meta again)
     backend.redis.delete(protocol.keys(session_id).meta)  # the session is gone
     assert session_id in backend.gc()
     assert not backend.docker.containers.list(all=True, filters={"id": container_id})
