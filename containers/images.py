@@ -36,7 +36,8 @@ COPY wheels /opt/shellq/wheels
 COPY lib /opt/shellq/lib
 COPY install.py shellq-worker /opt/shellq/
 RUN python3 /opt/shellq/install.py /opt/shellq/wheels /opt/shellq/lib && rm -rf /opt/shellq/wheels \\
- && ln -sf /opt/shellq/shellq-worker /usr/local/bin/shellq-worker
+ && ln -sf /opt/shellq/shellq-worker /usr/local/bin/shellq-worker \\
+ && (id -u shellq >/dev/null 2>&1 || useradd --create-home --shell /bin/bash shellq)
 LABEL shellq.image="worker"
 ENTRYPOINT ["/opt/shellq/shellq-worker"]
 """

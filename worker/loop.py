@@ -75,6 +75,7 @@ class Worker:
             spool_quota=s.spool_quota,
             kill_grace=s.kill_grace,
             reap_orphans=True,
+            user=s.shell_user,
         )
 
     def serve(self, max_commands: int | None = None) -> int:

@@ -37,6 +37,10 @@ class WorkerSettings(EnvSettings):
     """Bytes of spooled output kept in the session directory."""
     work_dir: Path | None = None
     """The session directory (spooled output); default: a directory under the system temp dir."""
+    shell_user: str | None = None
+    """Run the shell (every command) as this user, a name or uid, with its own groups only, so commands cannot read
+    the worker's secrets; needs a worker running as root. It starts in that user's home (else `/`), not in
+    `work_dir`. Default: the worker's own user."""
     results_maxlen: int = Field(default=10_000, ge=1)
     """About how many results the result stream keeps (XADD MAXLEN ~)."""
     journal_ttl: int = Field(default=7 * 86400, ge=1)

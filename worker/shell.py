@@ -33,7 +33,7 @@ from typing import Literal
 from worker import procs, shell_driver
 from worker.output import OutputCapture, Spool, read_available
 from worker.shell_driver import ReportReader
-from worker.shell_process import ShellProcess
+from worker.shell_process import ShellProcess, ShellUser
 
 ShellStatus = Literal["completed", "timeout", "cancelled", "shell_exited"]
 
@@ -102,7 +102,11 @@ class _Running:
 
 class Shell:
     """One long-lived bash; `run()` executes a command in it and returns a `ShellResult`. Not thread-safe except
-    `interrupt()`, which another thread may call while `run()` waits."""
+    `interrupt()`, which another thread may call while `run()` waits.
+
+    `user` (a name or uid; the worker must be root) runs bash and every command as that user, with its groups only
+    and its HOME, USER and LOGNAME. Without an explicit `cwd` such a shell starts in that user's home when the user
+    may enter it, else in `/`: the session directory holds the worker's spool files and is not the shell's."""
 
     def __init__(
         self,
@@ -114,7 +118,9 @@ class Shell:
         reap_orphans: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
     ) -> None:
+        self._user = ShellUser.resolve(user)
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="shellq-"))
         self.output_cap = output_cap
         self.kill_grace = kill_grace
@@ -123,8 +129,8 @@ class Shell:
         self._owns_work_dir = work_dir is None
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._spool = Spool(self.work_dir / "spool", spool_quota)
-        self._start_cwd = cwd or str(self.work_dir)
-        self._env = _shell_env(env)
+        self._start_cwd = cwd or (self._user.start_dir() if self._user else str(self.work_dir))
+        self._env = _shell_env(env, self._user)
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -447,7 +453,7 @@ class Shell:
 
     def _spawn(self) -> ShellProcess:
         """Start bash and wait until it answers; bumps `epoch`."""
-        bash = ShellProcess(self._env, self._start_cwd)
+        bash = ShellProcess(self._env, self._start_cwd, self._user)
         self.epoch += 1
         self._reports = ReportReader()
         bash.send(shell_driver.prelude(bash.rundir) + shell_driver.report(_READY))
@@ -499,9 +505,10 @@ def _spool_problem(run: _Running) -> str | None:
     return f"output past the cap could not be spooled ({'; '.join(failed)})" if failed else None
 
 
-def _shell_env(extra: dict[str, str] | None) -> dict[str, str]:
+def _shell_env(extra: dict[str, str] | None, user: ShellUser | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROPPED and not k.startswith("SHELLQ_")}
     env.update(SHELL_ENV_DEFAULTS)
+    env.update(user.env() if user else {})
     env.update(extra or {})
     return env
 

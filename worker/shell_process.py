@@ -1,5 +1,5 @@
 """The bash process behind a `Shell`: its private run directory (command file, report and output FIFOs), its
-command pipe, its guard, and the facts the worker reads about it from /proc."""
+command pipe, its guard, the user it runs as, and the facts the worker reads about it from /proc."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ import contextlib
 import fcntl
 import os
 import platform
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import termios
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from worker import procs, shell_driver
+from worker.errors import ConfigError
 
 # Runs in its own session; when the worker dies its stdin pipe closes and it kills every process of the shell's
 # session (bash and all jobs), so a successor never overlaps a command still running from its predecessor, and it
@@ -47,13 +51,71 @@ def _run_dir() -> Path:
     raise OSError(f"no writable directory with a plain path for the shell's files (tried /dev/shm, {base})")
 
 
+@dataclass(frozen=True, slots=True)
+class ShellUser:
+    """The user bash runs as when that is not the worker's own (`SHELLQ_SHELL_USER`)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    """Its supplementary groups from the group database; none of the worker's are kept."""
+    home: str
+
+    @classmethod
+    def resolve(cls, spec: str | None) -> ShellUser | None:
+        """A user name or numeric uid; None when unset or the worker's own uid. A uid with no passwd entry gets gid
+        = uid, no other groups and HOME=/. Raises ConfigError for an unknown name, or a non-root worker."""
+        if not spec:
+            return None
+        try:
+            entry: pwd.struct_passwd | None = pwd.getpwuid(int(spec)) if spec.isdecimal() else pwd.getpwnam(spec)
+        except KeyError:
+            if not spec.isdecimal():
+                raise ConfigError(f"SHELLQ_SHELL_USER={spec}: no such user") from None
+            entry = None
+        uid = int(spec) if entry is None else entry.pw_uid
+        if uid >= 0xFFFFFFFF:
+            raise ConfigError(f"SHELLQ_SHELL_USER={spec}: not a valid uid")
+        if uid == os.geteuid():
+            return None
+        if os.geteuid() != 0:
+            raise ConfigError(f"SHELLQ_SHELL_USER={spec} needs a worker running as root")
+        if entry is None:
+            return cls(spec, uid, uid, (), "/")
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return cls(entry.pw_name, uid, entry.pw_gid, groups, entry.pw_dir or "/")
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+    def start_dir(self) -> str:
+        """Its home when the mode bits let it list the home and search every directory above, else `/`."""
+        home = Path(self.home)
+        steps = [(home, 0o5), *((parent, 0o1) for parent in home.parents)]
+        return self.home if home.is_absolute() and all(self._may(d, bits) for d, bits in steps) else "/"
+
+    def _may(self, directory: Path, bits: int) -> bool:
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return False
+        shift = 6 if info.st_uid == self.uid else 3 if info.st_gid in (self.gid, *self.groups) else 0
+        return stat.S_ISDIR(info.st_mode) and (info.st_mode >> shift) & bits == bits
+
+
 class ShellProcess:
-    """One bash in a session of its own, fed lines on a pipe; reports come back on a FIFO in its run directory."""
+    """One bash in a session of its own, fed lines on a pipe; reports come back on a FIFO in its run directory.
+
+    With a `user`, bash runs as that user, and the run directory stays the worker's (mode 0710, group: the user's):
+    the shell may use the files in it, which are its own (0600), but cannot remove, rename or replace them, so the
+    worker (root) never opens or makes a path the shell chose. The guard stays the worker's: it kills the shell."""
 
     live_pids: ClassVar[set[int]] = set()
     """bash and guard pids of every live shell in this process (not orphans, whoever adopted them)."""
 
-    def __init__(self, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, env: dict[str, str], cwd: str, user: ShellUser | None = None) -> None:
+        self.user = user
         self.rundir = _run_dir()
         self.cmd_file = self.rundir / "c"
         self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
@@ -73,6 +135,9 @@ class ShellProcess:
             start_new_session=True,
             env=env,
             cwd=cwd,
+            user=None if user is None else user.uid,
+            group=None if user is None else user.gid,
+            extra_groups=None if user is None else user.groups,
         )
         self.pid = self.proc.pid
         assert self.proc.stdin is not None
@@ -99,16 +164,28 @@ class ShellProcess:
         paths = self.rundir / f"o{self.generation}", self.rundir / f"e{self.generation}"
         for p in paths:
             os.mkfifo(p, 0o600)
+            self._hand_over(p)
         return paths
+
+    def _hand_over(self, target: Path | int) -> None:
+        """Make a file of the run directory the shell user's (nothing to do when bash runs as the worker's user)."""
+        if self.user is not None:
+            os.chown(target, self.user.uid, self.user.gid)
 
     def restore_files(self) -> bool:
         """Make what a command removed (`rm -rf /dev/shm/*`) again, at the same paths, so the shell and its state
         go on; True when the report FIFO is new (its reader changed)."""
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.user is not None:
+            os.chown(self.rundir, -1, self.user.gid)
+            os.chmod(self.rundir, 0o710)
+            if not (self.rundir / "t").exists():  # where the driver saves traps: the shell cannot make files here
+                _close(self._hand_over_new(self.rundir / "t", os.O_WRONLY))
         for p in (self.out_path, self.err_path, self.rundir / "r"):
             if not p.is_fifo():
                 p.unlink(missing_ok=True)
                 os.mkfifo(p, 0o600)
+                self._hand_over(p)
         renewed = False
         if self.report_fd < 0 or not _same_file(self.report_fd, self.rundir / "r"):
             _close(self.report_fd)
@@ -117,8 +194,13 @@ class ShellProcess:
             renewed = True
         if self.cmd_fd < 0 or not _same_file(self.cmd_fd, self.cmd_file):
             _close(self.cmd_fd)
-            self.cmd_fd = os.open(self.cmd_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.cmd_fd = self._hand_over_new(self.cmd_file, os.O_RDWR)
         return renewed
+
+    def _hand_over_new(self, path: Path, flags: int) -> int:
+        fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._hand_over(fd)
+        return fd
 
     def open_fifo(self, path: Path) -> int:
         """Open an output FIFO for reading, without waiting for bash to open it."""
