@@ -52,8 +52,6 @@ class ClientSettings(EnvSettings):
     """Unfinished commands a session may hold until its worker has said its own cap."""
     retry_for: float = Field(default=10.0, ge=0)
     """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
-    results_maxlen: int = Field(default=10_000, ge=1)
-    """About how many results a session's result stream keeps (the `cancelled` result of a wait that gives up)."""
 
 
 @contextmanager
@@ -199,7 +197,7 @@ class Session:
         if not new:
             return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
         try:
-            found = self._scan(cid, reply)
+            found = self._found(cid, *reply)
         except InvalidResultError as e:
             return self._give_up(cid, e, cancel=True)
         return found or self._wait(cid, deadline)
@@ -210,13 +208,9 @@ class Session:
         command if no worker has taken it yet (the error's `cancelled` says so), unless `cancel` is False (to poll
         a command that should stay queued). InvalidResultError when its result entry cannot be read."""
         deadline = time.monotonic() + timeout
-        with _redis_errors(self.client.settings.redis_url):
-            pipe = self.client.redis.pipeline(transaction=False)
-            pipe.hget(self.keys.jrnl(command_id), "res")
-            pipe.xrevrange(self.keys.res, count=1)
-            rid, tail = pipe.execute()
-        if rid is not None:
-            return self._read_result(command_id, rid.decode())
+        journal, tail = self.client.send(self._journal(command_id), ("XREVRANGE", self.keys.res, "+", "-", "COUNT", 1))
+        if found := self._found(command_id, None, journal):
+            return found
         self._last_seen = tail[0][0].decode() if tail else "0-0"
         return self._wait(command_id, deadline, cancel)
 
@@ -267,8 +261,9 @@ class Session:
         submit += (protocol.CALLER, settings.journal_ttl, settings.queue_cap, req.id)
         submit += tuple(x for kv in fields.items() for x in kv)
         commands = [submit]
-        if read_from is not None:
+        if read_from is not None:  # the journal is read once the blocked read returns: a result committed by then
             commands.append(("XREAD", "COUNT", _READ_COUNT, "BLOCK", 1000, "STREAMS", k.res, read_from))
+            commands.append(self._journal(req.id))
         replies = self.client.fcall(*commands)
         outcome = int(replies[0][0])
         if outcome == -1:
@@ -279,20 +274,34 @@ class Session:
         if outcome == -2:
             message = f"session {self.id}: its environment is gone (container exited); start it again"
             raise NoWorkerError(message + f"; {req.id} was not queued", cancelled=True)
-        return req.id, bool(outcome), replies[1] if read_from is not None else None
+        return req.id, bool(outcome), replies[1:] if read_from is not None else None
 
     def _tail(self) -> str:
         with _redis_errors(self.client.settings.redis_url):
             tail: Any = self.client.redis.xrevrange(self.keys.res, count=1)
         return str(tail[0][0].decode()) if tail else "0-0"
 
-    def _scan(self, command_id: str, reply: Any) -> Result | None:
-        """Look for `command_id` among the entries of a raw XREAD reply, remembering the newest entry seen."""
-        wanted = command_id.encode()
-        for eid, fields in protocol.stream_entries(reply):
-            self._last_seen = eid
-            if fields.get(b"id") == wanted:
+    def _journal(self, command_id: str) -> tuple[Any, ...]:
+        """HMGET of what the command's journal says: the result entry its worker committed, why it was cancelled
+        before it started, its command entry."""
+        return ("HMGET", self.keys.jrnl(command_id), "res", "cancelled", "entry")
+
+    def _found(self, command_id: str, read: Any, journal: Any) -> Result | None:
+        """The command's result if its journal (an HMGET reply of `_journal`) names one; `read` is the raw XREAD
+        reply sent before it in the same round trip, which usually holds the entry. The journal, written only in
+        the worker's commit, decides which entry is the result: an entry on the result stream that merely carries
+        the command's id is not it. A command cancelled before any worker took it is answered from the journal."""
+        newest = None
+        for eid, fields in protocol.stream_entries(read) if read else ():
+            newest = eid
+            if journal[0] is not None and eid == journal[0].decode():
+                self._last_seen = newest
                 return self._decode(command_id, eid, fields)
+        self._last_seen = newest or self._last_seen
+        if journal[0] is not None:
+            return self._read_result(command_id, journal[0].decode())
+        if journal[1] is not None:
+            return _cancelled(command_id, journal[2], journal[1])
         return None
 
     def _read_result(self, command_id: str, rid: str) -> Result:
@@ -324,7 +333,7 @@ class Session:
             block = max(1, int(min(remaining, 1.0) * 1000))
             read = ("XREAD", "COUNT", _READ_COUNT, "BLOCK", block, "STREAMS", self.keys.res, self._last_seen or "0-0")
             try:
-                found = self._scan(command_id, self.client.send(read)[0])
+                found = self._found(command_id, *self.client.send(read, self._journal(command_id)))
                 if found:
                     return found
                 if time.monotonic() - started >= self.client.settings.no_worker_after:
@@ -338,7 +347,7 @@ class Session:
         if not cancel:
             raise error
         outcome, rid = self._cancel(command_id, str(error))
-        if rid is not None and outcome != "cancelled":
+        if outcome == "answered" and rid is not None:
             return self._read_result(command_id, rid)
         if outcome == "cancelled":
             raise type(error)(f"{error}; {command_id} had not started: it is cancelled and will never run", True)
@@ -350,24 +359,20 @@ class Session:
         raise error
 
     def _cancel(self, command_id: str, reason: str) -> tuple[str, str | None]:
-        """FCALL shellq_cancel: answer the command `cancelled` unless a worker took it, in one atomic step (no worker
-        runs it after that). -> ("cancelled", result id) | ("answered", result id) | ("started", None) |
-        ("unknown", None): the session never accepted this id (or its journal expired)."""
+        """FCALL shellq_cancel: mark the command cancelled in its journal unless a worker took it, in one atomic step
+        (no worker runs it after that; the one that takes it commits it `cancelled`). -> ("cancelled", None) |
+        ("answered", result id) | ("started", None) | ("unknown", None): the session never accepted this id (or its
+        journal expired)."""
         k, settings = self.keys, self.client.settings
         with _redis_errors(settings.redis_url):
             raw: Any = self.client.redis.hget(k.jrnl(command_id), "entry")
         if raw is None:
             return "unknown", None
-        entry_id = raw.decode()
-        result = CommandResult(
-            id=command_id, entry_id=entry_id, status="cancelled", error=f"cancelled before it started: {reason}"
-        )
-        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 4, k.cmd, k.jrnl(command_id), k.res, k.meta)
-        call += (protocol.CALLER, protocol.GROUP, entry_id, settings.journal_ttl, settings.results_maxlen)
-        call += tuple(x for kv in protocol.encode(result).items() for x in kv)
+        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 3, k.cmd, k.jrnl(command_id), k.meta)
+        call += (protocol.CALLER, protocol.GROUP, raw.decode(), settings.journal_ttl, reason)
         (reply,) = self.client.fcall(call)
-        outcome = {1: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")
-        return outcome, reply[1].decode() if len(reply) > 1 else None
+        outcome = {1: "cancelled", 3: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")
+        return outcome, reply[1].decode() if outcome == "answered" else None
 
     def worker_alive(self) -> bool:
         """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and not stopped?"""
@@ -402,6 +407,14 @@ class Session:
             raise NoWorkerError(f"no worker has ever served session {self.id}")
         if age > limit or state == "stopped":
             raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago ({state})")
+
+
+def _cancelled(command_id: str, entry_id: bytes | None, reason: bytes) -> Result:
+    """The result of a command a producer cancelled before any worker took it, as its journal tells it (the worker
+    that takes it later commits the same on the result stream)."""
+    error = f"cancelled before it started: {reason.decode(errors='replace')}"
+    entry = entry_id.decode() if entry_id else ""
+    return Result.from_wire(CommandResult(id=command_id, entry_id=entry, status="cancelled", error=error))
 
 
 def _disconnect(client: redis.Redis, idle: list[Any]) -> None:

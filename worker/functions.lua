@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 3
+local VERSION = 4
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -59,12 +59,14 @@ local function journal_key(cmd_key, id)
 end
 
 -- Take the next new command for the lease holder (XREADGROUP ... COUNT 1 >, never blocking). An entry answered
--- before it was taken (cancelled by a producer that gave up waiting) is acknowledged and skipped: it never runs.
--- Given the journal ttl (the worker), the command id is claimed for the entry (journal `entry`) unless another
--- entry holds it, and the reply names the id's owner: when that is another entry, the worker answers this one
--- `rejected` as a duplicate. Without it (a reaper answering what is left), the reply is XREADGROUP's own.
+-- before it was taken is acknowledged and skipped: it never runs. Given the journal ttl (the worker), the command id
+-- is claimed for the entry (journal `entry`) unless another entry holds it, and the reply names the id's owner: when
+-- that is another entry, the worker answers this one `rejected` as a duplicate; and why a producer cancelled the
+-- command before it was taken (journal `cancelled`), if it did: the worker then commits it `cancelled`, unrun.
+-- Without the ttl (a reaper answering what is left), the reply is XREADGROUP's own.
 -- KEYS: cmd, lease   ARGV: token, group, consumer[, journal ttl]
--- -> {XREADGROUP reply, entry id owning the command id} with the ttl, else the XREADGROUP reply | nil
+-- -> {XREADGROUP reply, entry id owning the command id, cancel reason or false} with the ttl, else the XREADGROUP
+--    reply | nil
 local function take(keys, args)
   if not holds_lease(keys[2], args[1]) then return redis.error_reply('FENCED lease lost') end
   while true do
@@ -72,7 +74,7 @@ local function take(keys, args)
     if not reply then return nil end
     local eid, fields = reply[1][2][1][1], reply[1][2][1][2]
     local jrnl = journal_key(keys[1], command_id(eid, fields))
-    local meta = redis.call('HMGET', jrnl, 'entry', 'res')
+    local meta = redis.call('HMGET', jrnl, 'entry', 'res', 'cancelled')
     if meta[1] == eid and meta[2] then
       redis.call('XACK', keys[1], args[2], eid)
     elseif not args[4] then
@@ -82,7 +84,7 @@ local function take(keys, args)
         redis.call('HSET', jrnl, 'entry', eid)
         redis.call('EXPIRE', jrnl, args[4])
       end
-      return {reply, meta[1] or eid}
+      return {reply, meta[1] or eid, meta[1] == eid and meta[3]}
     end
   end
 end
@@ -105,20 +107,22 @@ local function delivered(cmd_key, group, eid)
   return false
 end
 
--- Cancel a command no worker has taken yet: publish its result (`cancelled`, built by the caller) so that no
--- worker ever runs it (the take skips it). A command already taken cannot be cancelled here: it counts as started.
--- KEYS: cmd, jrnl:<id>, res, meta   ARGV: group, entry id, journal ttl, results maxlen, field, value, ...
--- -> {1, result id} cancelled | {0, result id} answered before | {2} taken: started | {-1} not this entry's id
+-- Cancel a command no worker has taken yet: note why in its journal (`cancelled`) so that no worker ever runs it (the
+-- worker that takes it commits it `cancelled`, unrun); it no longer counts against the queue cap. A command already
+-- taken cannot be cancelled here: it counts as started. Only a worker writes the result stream.
+-- KEYS: cmd, jrnl:<id>, meta   ARGV: group, entry id, journal ttl, reason
+-- -> {1} cancelled now | {0, result id} answered before | {3, reason} cancelled before | {2} taken: started
+--    | {-1} not this entry's id
 local function cancel(keys, args)
-  local meta = redis.call('HMGET', keys[2], 'entry', 'res')
+  local meta = redis.call('HMGET', keys[2], 'entry', 'res', 'cancelled')
   if meta[2] then return {0, meta[2]} end
   if meta[1] ~= args[2] then return {-1} end
+  if meta[3] then return {3, meta[3]} end
   if delivered(keys[1], args[1], args[2]) then return {2} end
-  local rid = redis.call('XADD', keys[3], 'MAXLEN', '~', args[4], '*', unpack(args, 5))
-  redis.call('HINCRBY', keys[4], 'settled', 1)
-  redis.call('HSET', keys[2], 'res', rid)
+  redis.call('HINCRBY', keys[3], 'settled', 1)
+  redis.call('HSET', keys[2], 'cancelled', args[4])
   redis.call('EXPIRE', keys[2], args[3])
-  return {1, rid}
+  return {1}
 end
 
 -- Publish a command's one result, record it in the journal and acknowledge the command entry.
@@ -132,7 +136,8 @@ local function commit(keys, args)
   local new = 0
   if not rid then
     rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 7))
-    if redis.call('HEXISTS', keys[2], 'entry') == 1 then redis.call('HINCRBY', keys[5], 'settled', 1) end
+    local known = redis.call('HMGET', keys[2], 'entry', 'cancelled')  -- a cancel counted itself settled
+    if known[1] and not known[2] then redis.call('HINCRBY', keys[5], 'settled', 1) end
     redis.call('HSET', keys[2], 'res', rid)
     redis.call('HSETNX', keys[2], 'entry', args[3])
     redis.call('EXPIRE', keys[2], args[4])

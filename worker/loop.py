@@ -269,6 +269,8 @@ class Worker:
         cid = protocol.command_id(entry_id, fields)
         if original := self.store.original(cid, entry_id):
             return _duplicate(cid, entry_id, original)
+        if (reason := self.store.cancel_reason(entry_id)) is not None:
+            return _result(cid, entry_id, "cancelled", f"cancelled before it started: {reason}")
         if protocol.entry_size(fields) > protocol.MAX_ENTRY_BYTES:
             return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
         try:

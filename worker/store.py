@@ -52,6 +52,7 @@ class SessionStore:
         self.epoch = 0
         self._ttl_ms = int(settings.lease_ttl * 1000)
         self._owners: dict[str, str] = {}  # entry id -> the entry owning its command id, for entries just taken
+        self._cancels: dict[str, str] = {}  # entry id -> why a producer cancelled it before it was taken
 
     def wake(self) -> None:
         """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
@@ -186,7 +187,7 @@ class SessionStore:
         runs the pipelined take the moment the blocked read returns. Also returns where the next wait starts.
         A `commit` (see `commit_and_take`) goes first in the same round trip. The take skips (acknowledges) entries
         a producer cancelled before any worker took them, and remembers who owns the taken entry's command id
-        (see `original`)."""
+        (see `original`) and whether a producer cancelled it (see `cancel_reason`)."""
         k = self.keys
         wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
         take: tuple[Any, ...] = ("FCALL", "shellq_take", 2, k.cmd, k.lease, protocol.CALLER, self.token)
@@ -196,6 +197,8 @@ class SessionStore:
         if reply:
             entry = _entries(reply[0])[0]
             self._owners[entry[0]] = reply[1].decode()
+            if reply[2]:
+                self._cancels[entry[0]] = reply[2].decode(errors="replace")
             return entry, entry[0]
         newer = _entries(seen)
         return None, newer[-1][0] if newer else after  # never wait again on an entry someone else took
@@ -209,6 +212,11 @@ class SessionStore:
             raw: Any = self.redis.call("HGET", self.keys.jrnl(command_id), "entry")
             owner = raw.decode() if raw else entry_id
         return owner if owner != entry_id else None
+
+    def cancel_reason(self, entry_id: str) -> str | None:
+        """Why a producer cancelled the entry just taken before any worker took it (journal `cancelled`), else None:
+        the worker answers it `cancelled` without running it."""
+        return self._cancels.pop(entry_id, None)
 
     def last_delivered(self) -> str:
         """The consumer group's last delivered entry id (XINFO GROUPS)."""
