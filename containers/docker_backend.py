@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import logging
+import os
+import tarfile
 import threading
 import time
 import uuid
@@ -22,6 +25,7 @@ import docker
 import redis
 from docker.errors import DockerException, ImageNotFound, NotFound
 
+from containers import access
 from containers.local import SessionStartError
 from worker import protocol
 from worker.errors import ConfigError
@@ -31,6 +35,10 @@ log = logging.getLogger("shellq.containers")
 LABEL = "shellq.session"
 INSTANCE_LABEL = "shellq.instance"
 DEFAULT_IMAGE = "shellq-worker:latest"
+SHELL_USER = "shellq"
+"""The user the shell runs as in a container (the image makes it); the worker stays root."""
+PASSWORD_FILE = "/etc/shellq/redis-password"
+"""Where the worker's Redis password is put in its container, before the container starts."""
 
 
 class DockerBackend:
@@ -74,12 +82,16 @@ class DockerBackend:
         keys = protocol.keys(session)
         self._check_image()
         instance = uuid.uuid4().hex[:16]
-        environment = {"SHELLQ_REDIS_URL": self.redis_url, "SHELLQ_SESSION": session, **(env or {})}
-        environment["SHELLQ_INSTANCE"] = instance
+        creds = access.grant(self.redis, session)
+        environment = {"SHELLQ_SESSION": session, "SHELLQ_SHELL_USER": SHELL_USER, **(env or {})}
+        environment.update(
+            SHELLQ_REDIS_URL=access.url_for(self.redis_url, creds.worker_user),
+            SHELLQ_REDIS_PASSWORD_FILE=PASSWORD_FILE,
+            SHELLQ_INSTANCE=instance,
+        )
         environment.setdefault("SHELLQ_WORK_DIR", "/var/lib/shellq/session")
-        container = self.docker.containers.run(
+        container = self.docker.containers.create(
             self.image,
-            detach=True,
             name=f"shellq-{session}-{uuid.uuid4().hex[:6]}",
             labels={LABEL: session, INSTANCE_LABEL: instance},
             init=True,
@@ -90,7 +102,11 @@ class DockerBackend:
             network_mode=network or self._default_network(),
             environment=environment,
             restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},  # a worker that died restarts and recovers
+            # the worker (root) reads /proc/PID/syscall and fd/0 of a bash running as another uid (the prompt check)
+            cap_add=["SYS_PTRACE"],
         )
+        container.put_archive("/", _password_archive(creds.worker_password))
+        container.start()
         self._started[session] = container.id
         self._watch()
         deadline = time.monotonic() + start_timeout
@@ -119,6 +135,7 @@ class DockerBackend:
                 container.stop(timeout=int(timeout))
             self._remove(container.id)
         self._started.pop(session, None)
+        access.revoke(self.redis, session)
         return bool(found)
 
     def forget(self, session: str) -> None:
@@ -135,6 +152,8 @@ class DockerBackend:
             if not protocol.ID_PATTERN.match(session) or not self._alive(session, instance):
                 self._remove(container.id)
                 removed.append(session)
+                if protocol.ID_PATTERN.match(session):
+                    access.revoke(self.redis, session)
         return removed
 
     def close(self) -> None:
@@ -215,6 +234,20 @@ def _mount(spec: str) -> str:
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise ConfigError(f"--mount wants HOST:CONTAINER[:ro], got {spec!r}")
     return spec if len(parts) == 3 else f"{spec}:rw"
+
+
+def _password_archive(password: str) -> bytes:
+    """A tar of PASSWORD_FILE holding `password`: root's, 0600, in a 0700 directory (the shell user cannot read it)."""
+    data, out = (password + "\n").encode(), io.BytesIO()
+    directory = os.path.dirname(PASSWORD_FILE).lstrip("/")
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        folder = tarfile.TarInfo(directory)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
+        tar.addfile(folder)
+        secret = tarfile.TarInfo(PASSWORD_FILE.lstrip("/"))
+        secret.size, secret.mode = len(data), 0o600
+        tar.addfile(secret, io.BytesIO(data))
+    return out.getvalue()
 
 
 def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str) -> int:

@@ -1,5 +1,6 @@
 """The embedded server of `shellq up` / `shellq down`: a private Valkey (or redis-server) in the background, with a
-kept data directory, AOF on, a random password, bound to loopback, and its URL recorded for the other verbs."""
+kept data directory, AOF on, an aclfile whose `default` user (the admin) needs a random password, bound to
+loopback, and its URL recorded for the other verbs. Session users (containers/access.py) are saved in the aclfile."""
 
 from __future__ import annotations
 
@@ -95,12 +96,15 @@ def up(
             say(f"port {before[0]} is taken now: workers of the sessions from before cannot reach the new port")
     port = port or _free_port()
     binary = server_binary()
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f"port {port}\nbind 127.0.0.1\ndir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
-            f'maxmemory-policy noeviction\nrequirepass {password}\nlogfile {data / "server.log"}\nsave ""\n'
-        )
+    _write_private(data / "admin.password", password + "\n")
+    users = data / "users.acl"  # ACL SAVE keeps the session users here (containers/access.py)
+    if not users.exists():
+        _write_private(users, f"user default on >{password} ~* &* +@all\n")
+    _write_private(
+        conf,
+        f"port {port}\nbind 127.0.0.1\ndir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
+        f'maxmemory-policy noeviction\naclfile {users}\nlogfile {data / "server.log"}\nsave ""\n',
+    )
     proc = subprocess.Popen(
         [binary, str(conf)],
         stdin=subprocess.DEVNULL,
@@ -116,10 +120,15 @@ def up(
             raise RedisUnavailableError(f"{binary} did not start; see {info.log}")
         time.sleep(0.05)
     _record().parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(_record(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(info), f)
+    _write_private(_record(), json.dumps(asdict(info)))
     return info, True
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def down(timeout: float = 15.0) -> ServerInfo | None:
@@ -149,16 +158,20 @@ def _data_dir(data_dir: Path | None) -> Path:
 
 
 def _previous(conf: Path) -> tuple[int, str] | None:
-    """Port and password of the server that used this data dir before (from its config file), if any."""
+    """Port and admin password of the server that used this data dir before (its config file and password file),
+    if any."""
     try:
         fields = dict(line.partition(" ")[::2] for line in conf.read_text().splitlines())
-        return int(fields["port"]), fields["requirepass"]
+        return int(fields["port"]), conf.with_name("admin.password").read_text().strip()
     except (OSError, KeyError, ValueError):
         return None
 
 
 def _port_free(port: int) -> bool:
+    """Nobody listens on the port (connections of a server just stopped, in TIME_WAIT, do not count: the server
+    binds with SO_REUSEADDR too)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

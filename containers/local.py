@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from containers import access
 from worker import protocol
 from worker.errors import ShellqError
 
@@ -37,24 +38,38 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, redis_url: str, log_dir: Path, work_root: Path | None = None) -> None:
+    def __init__(
+        self, redis_url: str, log_dir: Path, work_root: Path | None = None, credentials_dir: Path | None = None
+    ) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.work_root = work_root or log_dir
+        self.credentials_dir = credentials_dir or log_dir.parent / "credentials"
+        """Where each session's worker password file lives (a 0700 directory of 0600 files)."""
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # workers started here, reaped by `stop`
 
     def log_path(self, session: str) -> Path:
         return self.log_dir / f"{protocol.check_id(session, 'session id')}.log"
 
     def start(self, session: str, start_timeout: float = 20.0, env: dict[str, str] | None = None) -> str:
-        """Start the worker in the background and wait for its first heartbeat; returns its pid."""
+        """Start the worker in the background and wait for its first heartbeat; returns its pid. The worker gets
+        the session's own Redis user (made, or given new passwords, here: `access.grant`) and its password as a
+        file; the admin URL this backend holds never reaches it."""
         keys = protocol.keys(session)
         if self._alive_pid(session):
             raise ShellqError(f"session {session} already has a live worker")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        creds = access.grant(self.redis, session)
+        password_file = self.password_file(session)
+        password_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(creds.worker_password + "\n")
         full_env = {**os.environ, **(env or {})}
         full_env.update(
-            SHELLQ_REDIS_URL=self.redis_url,
+            SHELLQ_REDIS_URL=access.url_for(self.redis_url, creds.worker_user),
+            SHELLQ_REDIS_PASSWORD_FILE=str(password_file),
             SHELLQ_SESSION=session,
             SHELLQ_WORK_DIR=str(self.work_dir(session)),
         )
@@ -67,21 +82,24 @@ class LocalBackend:
                 stderr=log,
                 start_new_session=True,
             )
+        self._procs[session] = proc
         deadline = time.monotonic() + start_timeout
         while self.redis.hget(keys.meta, "pid") != str(proc.pid).encode():
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
+                proc.wait()
                 raise SessionStartError(f"the worker of session {session} did not start:\n{self._log_tail(session)}")
             time.sleep(0.05)
         self.redis.hset(keys.meta, mapping={"backend": self.name, "log": str(self.log_path(session))})
         return str(proc.pid)
 
     def stop(self, session: str, timeout: float = 10.0) -> bool:
-        """Ask the worker to shut down (control stream), then SIGTERM and SIGKILL it if it lingers. Idempotent;
-        returns whether a worker was running."""
+        """Ask the worker to shut down (control stream), then SIGTERM and SIGKILL it if it lingers, and delete the
+        session's Redis users. Idempotent; returns whether a worker was running."""
         keys = protocol.keys(session)
         pid = self._alive_pid(session)
         if pid is None:
+            self._revoke(session)
             return False
         request: Any = self.redis.xadd(keys.ctl, protocol.encode(protocol.ControlRequest(op="shutdown")))  # type: ignore[arg-type]
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
@@ -97,7 +115,18 @@ class LocalBackend:
         self.redis.hset(keys.meta, "state", "stopped")
         if not pid_running(pid):
             self._release_lease(session)
+        if (proc := self._procs.pop(session, None)) is not None:
+            proc.poll()  # reaped, when this process started it
+        self._revoke(session)
         return True
+
+    def password_file(self, session: str) -> Path:
+        return self.credentials_dir / f"{protocol.check_id(session, 'session id')}.password"
+
+    def _revoke(self, session: str) -> None:
+        """The session's users go with its worker (a new start makes new ones); so does its password file."""
+        access.revoke(self.redis, session)
+        self.password_file(session).unlink(missing_ok=True)
 
     def _release_lease(self, session: str) -> None:
         """DEL the lease a stopped worker still holds (one EVAL), so that a new one need not wait out its TTL."""

@@ -3,6 +3,7 @@
 from producer.client import Client, ClientSettings, Session
 from producer.result import Result
 from worker.errors import (
+    AccessDeniedError,
     ConfigError,
     InvalidRequestError,
     InvalidResultError,
@@ -16,6 +17,7 @@ from worker.errors import (
 )
 
 __all__ = [
+    "AccessDeniedError",
     "Client",
     "ClientSettings",
     "ConfigError",

@@ -5,8 +5,9 @@
                                                server back on the same port with the same password and data
     shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
     shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
-                         [--mount HOST:CTR[:ro]] [--network N]
-                                               a session and its worker; prints its name
+                         [--mount HOST:CTR[:ro]] [--network N] [--producer-url]
+                                               a session and its worker; prints its name (and, with
+                                               --producer-url, a Redis URL that reaches this session only)
     shellq session stop S [--keep]             stop its worker and delete the session (keys, local directory):
                                                the name is free again; --keep keeps its history to resume it
     shellq session list                        name, backend, worker, state, queue depth, epoch, current command
@@ -128,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--pids", type=int, default=512, help="docker: process limit")
     start.add_argument("--mount", action="append", default=[], metavar="HOST:CTR[:ro]", help="docker: bind mount")
     start.add_argument("--network", help="docker: network (default: host when Redis is on loopback)")
+    start.add_argument(
+        "--producer-url",
+        action="store_true",
+        help="also print a Redis URL that reaches this session only (its producer user), for an agent",
+    )
     start.set_defaults(handler=cmd_session_start)
     stop = session.add_parser("stop", help="stop a session's worker")
     stop.add_argument("name")
@@ -242,6 +248,11 @@ def cmd_session_start(args: argparse.Namespace) -> int:
         hint = f"if its history was deleted on purpose, `shellq session stop {name}` frees the name; then start it"
         raise CliError(f"{e}\nshellq: {hint}") from None
     print(name)
+    if args.producer_url:
+        from containers import access
+
+        password = access.new_producer_password(_client(url).redis, name)
+        print(access.url_for(url, access.producer_user(name), password))
     print(f"shellq: session {name}: {where}", file=sys.stderr)
     return 0
 

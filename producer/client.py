@@ -19,6 +19,7 @@ from redis.retry import Retry
 from producer.result import Result
 from worker import protocol
 from worker.errors import (
+    AccessDeniedError,
     ConfigError,
     InvalidRequestError,
     InvalidResultError,
@@ -58,6 +59,12 @@ class ClientSettings(EnvSettings):
 def _redis_errors(url: str) -> Iterator[None]:
     try:
         yield
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+        raise AccessDeniedError(f"Redis at {_redact(url)} refused this user: {e}") from None
+    except redis.ResponseError as e:
+        if str(e).startswith(("NOPERM", "WRONGPASS", "NOAUTH")):
+            raise AccessDeniedError(f"Redis at {_redact(url)} refused this user: {e}") from None
+        raise
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailableError(f"cannot reach Redis at {_redact(url)}: {e}") from e
 

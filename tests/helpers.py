@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 import subprocess
@@ -15,21 +16,30 @@ if TYPE_CHECKING:  # redis-py is imported where it is used: the worker image, wh
 
 
 class RedisServer:
-    """A real redis-server (or valkey-server) on a free loopback port, in a private directory."""
+    """A real redis-server (or valkey-server) on a free loopback port, in a private directory. `secured` (the
+    default), as shellq's own servers are: an aclfile, and the `default` user (the admin) needs `password`; the
+    session users shellq makes are saved in the aclfile and survive a restart."""
 
-    def __init__(self, kind: str, binary: str, workdir: Path) -> None:
+    def __init__(self, kind: str, binary: str, workdir: Path, secured: bool = True) -> None:
         self.kind, self.binary, self.workdir = kind, binary, workdir
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = secrets.token_hex(16) if secured else None
+        auth = f":{self.password}@" if self.password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
+        if self.password:
+            self.aclfile = workdir / "users.acl"
+            self.aclfile.write_text(f"user default on >{self.password} ~* &* +@all\n")
 
     def start(self, *extra: str) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
         args += ["--save", "", "--appendonly", "no", *extra]
+        if self.password:
+            args += ["--aclfile", str(self.aclfile)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             try:

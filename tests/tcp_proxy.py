@@ -21,8 +21,9 @@ LOOPBACK = "127.0.0.1"
 class TcpProxy:
     """Forwards every connection made to `port` to `LOOPBACK:target_port`, one thread per connection pair."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, password: str | None = None) -> None:
         self.target_port = target_port
+        self.password = password
         self._listener = socket.create_server((LOOPBACK, 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
@@ -37,7 +38,8 @@ class TcpProxy:
     @property
     def url(self) -> str:
         """A Redis URL (db 0) that goes through the proxy."""
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
     def connections(self) -> int:
         """How many forwarded connections are open now."""

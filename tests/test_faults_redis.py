@@ -109,8 +109,9 @@ def test_redis_restarted_empty_is_session_state_lost(
     assert s.result("e-1", timeout=20).stdout == "before\n"
 
     durable_server.stop()
-    for item in durable_server.workdir.iterdir():  # no AOF, no RDB: Redis comes back empty
-        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for item in durable_server.workdir.iterdir():  # no AOF, no RDB: Redis comes back empty (its users stay)
+        if item != durable_server.aclfile:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
     durable_server.start(*AOF_ALWAYS)
     assert wait_exit(worker, 30) == 3, "the worker should exit with 'session state lost'"
     assert not has_group(durable_server, session_id), "the consumer group was re-created"
@@ -137,7 +138,7 @@ def test_connection_cut_while_the_worker_blocks_waiting_for_a_command(
 ) -> None:
     log, h = tmp_path / "exec.log", History()
     s = client_for(redis_server.url).session(session_id)
-    with TcpProxy(redis_server.port) as proxy:
+    with TcpProxy(redis_server.port, redis_server.password) as proxy:
         worker = workers.start(proxy.url, session_id)
         submit_ok(h, s, log, "warm", "true")
         s.result("warm", timeout=20)
@@ -161,7 +162,7 @@ def test_connections_cut_again_and_again_during_a_stream_of_commands(
     log, h = tmp_path / "exec.log", History()
     s = client_for(redis_server.url).session(session_id)
     res_key = protocol.keys(session_id).res
-    with TcpProxy(redis_server.port) as proxy:
+    with TcpProxy(redis_server.port, redis_server.password) as proxy:
         worker = workers.start(proxy.url, session_id)
         for i in range(60):
             submit_ok(h, s, log, f"c-{i}", f"echo c-{i}; sleep 0.02")

@@ -23,7 +23,7 @@ Open = Callable[[resp.Redis], resp.Redis]
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     kind, binary = next(iter(server_binaries().items()))
-    s = RedisServer(kind, binary, tmp_path)
+    s = RedisServer(kind, binary, tmp_path, secured=False)
     s.start("--unixsocket", str(tmp_path / "redis.sock"), "--unixsocketperm", "700")
     require_password(s)
     yield s
@@ -42,6 +42,10 @@ def opened() -> Iterator[Callable[[resp.Redis], resp.Redis]]:
     yield lambda client: clients.append(client) or client  # type: ignore[func-returns-value]
     for client in clients:
         client.close()
+
+
+def authed(server: RedisServer) -> str:
+    return f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
 
 
 def admin(server: RedisServer, key: str, db: int = 0) -> bytes | None:
@@ -72,14 +76,15 @@ def test_a_wrong_password_is_a_configuration_error(server: RedisServer, opened: 
 
 
 def test_unix_socket_url(server: RedisServer, tmp_path: Path, opened: Open) -> None:
-    client = opened(resp.Redis(f"unix://{tmp_path / 'redis.sock'}?db=2", password=PASSWORD, name="shellq-test"))
+    url = f"unix://:{quote(PASSWORD, safe='')}@{tmp_path / 'redis.sock'}?db=2"
+    client = opened(resp.Redis(url, name="shellq-test"))
     client.call("SET", "k", "over the socket")
     assert admin(server, "k", db=2) == b"over the socket"
     assert b"name=shellq-test" in client.call("CLIENT", "LIST")
 
 
 def test_an_error_reply_is_raised_and_the_connection_goes_on(server: RedisServer, opened: Open) -> None:
-    client = opened(resp.Redis(server.url, password=PASSWORD))
+    client = opened(resp.Redis(authed(server)))
     with pytest.raises(RedisReplyError, match="wrong number of arguments"):
         client.pipeline(("PING",), ("XADD", "only-a-key"), ("SET", "after", "1"))
     assert admin(server, "after") == b"1"  # the commands after the failing one ran
@@ -87,7 +92,7 @@ def test_an_error_reply_is_raised_and_the_connection_goes_on(server: RedisServer
 
 
 def test_an_outage_names_the_server_and_the_next_call_reconnects(server: RedisServer, opened: Open) -> None:
-    client = opened(resp.Redis(server.url, password=PASSWORD))
+    client = opened(resp.Redis(authed(server)))
     client.call("SET", "k", "before")
     server.stop()
     with pytest.raises(RedisUnavailableError):
@@ -100,7 +105,7 @@ def test_an_outage_names_the_server_and_the_next_call_reconnects(server: RedisSe
 
 
 def test_a_server_that_stops_answering_is_an_outage_after_the_timeout(server: RedisServer, opened: Open) -> None:
-    client = opened(resp.Redis(server.url, password=PASSWORD, timeout=0.5))
+    client = opened(resp.Redis(authed(server), timeout=0.5))
     client.call("SET", "k", "before")
     os.kill(server.proc.pid, signal.SIGSTOP)  # connected, but nothing comes back
     try:

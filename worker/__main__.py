@@ -8,6 +8,7 @@ import signal
 import sys
 from types import FrameType
 
+from worker import procs
 from worker.errors import RedisUnavailableError, ShellqError
 from worker.loop import EXIT_CONFIG, EXIT_REDIS, Worker
 from worker.settings import WorkerSettings
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("shellq.worker")
+    procs.set_not_dumpable()  # the password file's contents and the environment stay out of the commands' reach
     try:
         settings = WorkerSettings.from_env(redis_url=args.redis_url, session=args.session)
         worker = Worker(settings)

@@ -6,6 +6,7 @@ ShellqError
 ├── QueueFullError                               the session's queue is at its cap
 ├── RedisUnavailableError(ShellqError, ConnectionError)  Redis cannot be reached (after retries)
 ├── RedisReplyError                              Redis answered the worker's own client with an error
+├── AccessDeniedError(ShellqError, PermissionError) this Redis user may not do that (another session's keys)
 ├── SessionStateLostError                        Redis came back without the session's consumer group
 ├── FencedError                                  a worker's lease was taken over: it may no longer take or commit
 └── WaitError                                    a producer's wait for a result ended without one
@@ -40,6 +41,11 @@ class QueueFullError(ShellqError):
 
 class RedisUnavailableError(ShellqError, ConnectionError):
     """Redis could not be reached."""
+
+
+class AccessDeniedError(ShellqError, PermissionError):
+    """Redis refused a command to this client's user (NOPERM): a session's producer or worker user reaches its own
+    session only."""
 
 
 class RedisReplyError(ShellqError):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_DUMPABLE = 4
 
 
 class Proc(NamedTuple):
@@ -160,6 +161,14 @@ def set_child_subreaper() -> bool:
     """Make orphaned descendants of this process re-parent to it (prctl PR_SET_CHILD_SUBREAPER)."""
     libc = ctypes.CDLL(None, use_errno=True)
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def set_not_dumpable() -> bool:
+    """Make this process's memory and /proc files (environ, mem, fds) unreadable to every other process of its uid,
+    and ptrace of it refused, so a command running as the same uid cannot read the worker's secrets from there
+    (prctl PR_SET_DUMPABLE 0; see proc(5)). Children that exec are dumpable again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
 
 
 def reap_zombies(keep: Iterable[int], sessions: set[int] | None = None) -> int:

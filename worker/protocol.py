@@ -11,6 +11,7 @@ field's default. So a person can write a command and read a result with redis-cl
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -273,24 +274,56 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     return out
 
 
+FUNCTIONS_SHA256 = hashlib.sha256(FUNCTIONS.encode()).hexdigest()
+"""What identifies this shellq's library: workers and producers run only against exactly this code."""
+
+
+def loaded_functions(call: Callable[..., Any]) -> str | None:
+    """The code of the library `shellq` in Redis (FUNCTION LIST LIBRARYNAME shellq WITHCODE), None when there is
+    none. `call` sends one command with the caller's client."""
+    for library in call("FUNCTION", "LIST", "LIBRARYNAME", "shellq", "WITHCODE") or []:
+        fields = library if isinstance(library, dict) else dict(zip(library[::2], library[1::2], strict=True))
+        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+        name, code = fields.get("library_name"), fields.get("library_code")
+        if name in ("shellq", b"shellq") and code is not None:
+            return code.decode(errors="replace") if isinstance(code, bytes) else str(code)
+    return None
+
+
 def load_functions(call: Callable[..., Any], reply_error: type[Exception]) -> None:
-    """FCALL_RO shellq_version, then FUNCTION LOAD REPLACE the library unless Redis has this version (persisted and
-    replicated by Redis like data). `call` sends one command with the caller's client; `reply_error` is what that
-    client raises for an error reply. ConfigError when Redis has a newer library: loading ours over it would break
-    the shellq that loaded it."""
-    try:
-        loaded: int | None = int(call("FCALL_RO", "shellq_version", 0))
-    except reply_error as e:
-        if "Function not found" not in str(e):
-            raise
-        loaded = None
-    if loaded is not None and loaded > FUNCTIONS_VERSION:
+    """Make sure Redis holds exactly this shellq's library (its code, not only its version number: a library
+    replaced with changed code under the same version would forge every session's results). When it holds none or
+    other code, FUNCTION LOAD REPLACE ours (persisted and replicated by Redis like data) if this client's user may
+    (the admin). `call` sends one command with the caller's client; `reply_error` is what that client raises for an
+    error reply. ConfigError when Redis has a newer library (loading ours over it would break the shellq that loaded
+    it), or when the library is missing or differs and this user may not load it (a session's worker or producer)."""
+    code = loaded_functions(call)
+    if code == FUNCTIONS:
+        return
+    found = re.search(r"^local VERSION = (\d+)$", code or "", re.MULTILINE)
+    theirs = int(found.group(1)) if found else None
+    if theirs is not None and theirs > FUNCTIONS_VERSION:
         raise ConfigError(
-            f"Redis has shellq functions version {loaded}, newer than this shellq's ({FUNCTIONS_VERSION}): "
+            f"Redis has shellq functions version {theirs}, newer than this shellq's ({FUNCTIONS_VERSION}): "
             "upgrade this shellq; workers and producers of one Redis must run the same version"
         )
-    if loaded != FUNCTIONS_VERSION:
+    try:
         call("FUNCTION", "LOAD", "REPLACE", FUNCTIONS)
+    except reply_error as e:
+        if "NOPERM" not in str(e):
+            raise
+        what = (
+            "missing"
+            if code is None
+            else (
+                f"not this shellq's code (version {theirs}, sha256 {hashlib.sha256(code.encode()).hexdigest()[:16]}; "
+                f"this shellq's: version {FUNCTIONS_VERSION}, sha256 {FUNCTIONS_SHA256[:16]})"
+            )
+        )
+        raise ConfigError(
+            f"shellq's Redis functions are {what}, and this Redis user may not load them: run shellq with the admin "
+            "URL once (`shellq session start` or `shellq up` loads them), or upgrade this shellq to match"
+        ) from None
 
 
 # -- settings ------------------------------------------------------------------------------------------------

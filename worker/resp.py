@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -33,7 +34,7 @@ class Redis:
         self,
         url: str,
         *,
-        password: str | None = None,
+        password_file: Path | None = None,
         name: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
@@ -53,13 +54,23 @@ class Redis:
             raise ConfigError(f"invalid database number {db!r} in the Redis URL")
         self._db = int(db)
         self._user = unquote(parts.username) if parts.username else None
-        self._password = password if password is not None else (unquote(parts.password) if parts.password else None)
+        self._password = unquote(parts.password) if parts.password else None
+        self._password_file = password_file
         self._name = name
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[_Connection] = set()
+
+    def _read_password(self, conn: _Connection) -> str:
+        """The password, read from its file at each connect (not kept in memory between connects)."""
+        assert self._password_file is not None
+        try:
+            return self._password_file.read_text().strip()
+        except OSError as e:
+            conn.close()
+            raise ConfigError(f"cannot read the Redis password file {self._password_file}: {e.strerror}") from None
 
     def call(self, *args: Any) -> Any:
         """Send one command and return its reply."""
@@ -89,8 +100,10 @@ class Redis:
         if conn is None or conn.closed:
             conn = _Connection(self._connect())
             handshake: list[Command] = []
-            if self._password is not None:
-                handshake.append(("AUTH", self._user, self._password) if self._user else ("AUTH", self._password))
+            password = self._password if self._password_file is None else self._read_password(conn)
+            if password is not None:
+                handshake.append(("AUTH", self._user, password) if self._user else ("AUTH", password))
+            del password
             if self._name:
                 handshake.append(("CLIENT", "SETNAME", self._name))
             if self._db:

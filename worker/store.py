@@ -24,10 +24,10 @@ Entry = tuple[str, dict[bytes, bytes] | None]
 
 def connect(url: str, password_file: Path | None = None, name: str | None = None) -> resp.Redis:
     """A client for `url` whose connections are called `name` (CLIENT SETNAME); the password, if any, comes from
-    `password_file`. It never retries by itself: re-sending a take whose reply was lost would skip that command. The
-    worker's own reconnect loop waits, notices a stop request, and picks up a taken command from its pending list."""
-    password = password_file.read_text().strip() if password_file else None
-    return resp.Redis(url, password=password, name=name, timeout=30, connect_timeout=5)
+    `password_file`, read at each connect (never kept). It never retries by itself: re-sending a take whose reply
+    was lost would skip that command. The worker's own reconnect loop waits, notices a stop request, and picks up a
+    taken command from its pending list."""
+    return resp.Redis(url, password_file=password_file, name=name, timeout=30, connect_timeout=5)
 
 
 def _pairs(flat: Any) -> dict[bytes, Any]:
@@ -122,8 +122,8 @@ class SessionStore:
                     raise FencedError("this worker's lease was taken over; it stops") from None
                 if "Function not found" not in str(e) or attempt == 2:
                     raise
+                self.check_session()  # Redis came back empty: the session is lost, not the library only
                 self.load_functions()
-                self.check_session()
         raise AssertionError("unreachable")
 
     # -- session state -------------------------------------------------------------------------------------------
@@ -170,8 +170,16 @@ class SessionStore:
         return answered
 
     def durability_problems(self) -> list[str]:
-        """What makes this Redis lose accepted commands or results (INFO persistence, INFO memory)."""
+        """What makes this Redis lose accepted commands or results (INFO persistence, INFO memory). A session's own
+        worker user may not run INFO (a @dangerous command): then nothing is found here, and the admin's
+        `session start` checks instead."""
         problems = []
+        try:
+            self._info("persistence")
+        except RedisReplyError as e:
+            if "NOPERM" not in str(e):
+                raise
+            return []
         if self._info("persistence").get("aof_enabled", "0") == "0":
             problems.append("AOF is off: a Redis crash loses accepted commands and results")
         policy = self._info("memory").get("maxmemory_policy", "noeviction")
