@@ -90,6 +90,8 @@ def explain(e: Exception) -> str:
         return str(e)
     if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
         return f"Redis refused the credentials ({e}): the URL's password is not this server's"
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"this Redis user may not do that ({e}): a session's producer URL reaches only that session's commands"
     if isinstance(e, redis.ConnectionError | redis.TimeoutError):
         return f"cannot reach Redis: {e}"
     if isinstance(e, redis.RedisError):

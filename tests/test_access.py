@@ -77,6 +77,9 @@ def test_shellq_up_needs_the_admin_password_and_session_users_come_and_go(cli: C
     other = cli("exec", "someone-else", "--", "true", SHELLQ_REDIS_URL=producer_url)
     assert other.returncode == 125 and b"Traceback" not in other.stderr
     assert b"refused this user" in other.stderr and b"someone-else" not in other.stdout, other.stderr
+    listing = cli("session", "list", SHELLQ_REDIS_URL=producer_url)  # an admin verb
+    assert listing.returncode == 1 and listing.stderr.count(b"\n") == 1, listing.stderr
+    assert b"may not" in listing.stderr and b"Traceback" not in listing.stderr
 
     # a crash of the server keeps the users (aclfile) and the session working
     os.kill(json.loads((Path(cli.env["SHELLQ_HOME"]) / "server.json").read_text())["pid"], signal.SIGKILL)
