@@ -35,7 +35,7 @@ commands of worker/functions.lua): no @admin, no @dangerous (INFO, CLIENT LIST, 
 
 PRODUCER_COMMANDS = (
     *("fcall", "fcall_ro", "function|list", "xread", "xrange", "xrevrange", "xlen", "xinfo|groups", "xadd"),
-    *("hget", "hmget", "hgetall", "hset", "hincrby", "get", "set", "incr", "expire", "time", "ping", "select"),
+    *("hget", "hmget", "hgetall", "hset", "get", "set", "incr", "expire", "time", "ping", "select"),
     "client|setname",
 )
 """What `Client` sends for one session (producer/client.py and, inside FCALL, shellq_submit and shellq_cancel)."""
@@ -73,9 +73,10 @@ def worker_rules(session: str) -> list[str]:
 
 def producer_rules(session: str) -> list[str]:
     """ACL SETUSER rules of the session's producer: read every key of the session; write its commands, journal,
-    control requests, meta and counter, never its results (only the worker commits those) or its lease."""
+    control requests and submit counter, never its results (only the worker commits those), its meta (what the
+    worker and the backend record there, pids included, is trusted by them) or its lease."""
     p = _prefix(session)
-    keys = [f"%R~{p}*", *(f"~{p}{name}" for name in ("cmd", "jrnl:*", "ctl", "meta", "seq"))]
+    keys = [f"%R~{p}*", *(f"~{p}{name}" for name in ("cmd", "jrnl:*", "ctl", "seq"))]
     return ["resetkeys", *keys, "resetchannels", "-@all", *(f"+{c}" for c in PRODUCER_COMMANDS)]
 
 

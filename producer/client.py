@@ -264,7 +264,7 @@ class Session:
         size = sum(len(name) + len(value) for name, value in fields.items())
         if size > protocol.MAX_ENTRY_BYTES:
             raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
-        submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 4, k.cmd, k.jrnl(req.id), k.meta, k.seq)
+        submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 3, k.cmd, k.jrnl(req.id), k.seq)
         submit += (protocol.CALLER, settings.journal_ttl, settings.queue_cap, req.id)
         submit += tuple(x for kv in fields.items() for x in kv)
         commands = [submit]
@@ -320,12 +320,16 @@ class Session:
         return self._decode(command_id, rid, entries[0][1])
 
     def _decode(self, command_id: str, rid: str, fields: dict[bytes, bytes]) -> Result:
-        """A result entry as a Result; InvalidResultError naming the entry when it cannot be read."""
+        """A result entry as a Result; InvalidResultError naming the entry when it cannot be read or answers another
+        command (a journal pointed at the wrong entry)."""
+        where = f"result entry {rid} on {self.keys.res} (for command {command_id})"
         try:
-            return Result.from_wire(protocol.decode(CommandResult, fields))
+            result = Result.from_wire(protocol.decode(CommandResult, fields))
         except (DecodeError, ValidationError) as e:
-            where = f"result entry {rid} on {self.keys.res} (for command {command_id})"
             raise InvalidResultError(f"{where} cannot be read: {e}") from None
+        if result.id != command_id:
+            raise InvalidResultError(f"{where} answers command {result.id!r}, not this one")
+        return result
 
     def _wait(self, command_id: str, deadline: float, cancel: bool = True) -> Result:
         """XREAD BLOCK the result stream in slices of at most a second until the result arrives; between slices,
@@ -375,7 +379,7 @@ class Session:
             raw: Any = self.client.redis.hget(k.jrnl(command_id), "entry")
         if raw is None:
             return "unknown", None
-        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 3, k.cmd, k.jrnl(command_id), k.meta)
+        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 2, k.cmd, k.jrnl(command_id))
         call += (protocol.CALLER, protocol.GROUP, raw.decode(), settings.journal_ttl, reason)
         (reply,) = self.client.fcall(call)
         outcome = {1: "cancelled", 3: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")

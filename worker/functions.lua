@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 4
+local VERSION = 5
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -20,19 +20,26 @@ local function holds_lease(lease_key, token)
   return holder == false or holder == token
 end
 
--- Accept a command unless its id was accepted before or the session's queue is full.
--- KEYS: cmd, jrnl:<id>, meta, seq   ARGV: journal ttl, default queue cap, command id, field, value, ...
+-- shellq:{S}:<name> from shellq:{S}:cmd
+local function session_key(cmd_key, name)
+  return string.sub(cmd_key, 1, #cmd_key - 3) .. name
+end
+
+-- Accept a command unless its id was accepted before or the session's queue is full. The session's meta is read,
+-- not declared: a producer's user may read it but not write it (FCALL needs write access to every declared key),
+-- and it shares the session's hash slot.
+-- KEYS: cmd, jrnl:<id>, seq   ARGV: journal ttl, default queue cap, command id, field, value, ...
 -- -> {1, entry id} new | {0, entry id} known | {-1, depth, cap} queue full | {-2, state} session lost or gone
 local function submit(keys, args)
   local known = redis.call('HGET', keys[2], 'entry')
   if known then return {0, known} end
-  local state = redis.call('HGET', keys[3], 'state')
-  if state == 'lost' or state == 'gone' then return {-2, state} end
-  local cap = tonumber(redis.call('HGET', keys[3], 'queue_cap') or args[2])
-  local depth = tonumber(redis.call('GET', keys[4]) or 0) - tonumber(redis.call('HGET', keys[3], 'settled') or 0)
+  local meta = redis.call('HMGET', session_key(keys[1], 'meta'), 'state', 'queue_cap', 'settled')
+  if meta[1] == 'lost' or meta[1] == 'gone' then return {-2, meta[1]} end
+  local cap = tonumber(meta[2] or args[2])
+  local depth = tonumber(redis.call('GET', keys[3]) or 0) - tonumber(meta[3] or 0)
   if depth >= cap then return {-1, depth, cap} end
   local eid = redis.call('XADD', keys[1], '*', unpack(args, 4))
-  redis.call('INCR', keys[4])
+  redis.call('INCR', keys[3])
   redis.call('HSET', keys[2], 'entry', eid)
   redis.call('EXPIRE', keys[2], args[1])
   -- shellq:{S}:jrnl:<entry id> -> command id: a worker can name the command of an entry trimmed before it ran
@@ -108,9 +115,10 @@ local function delivered(cmd_key, group, eid)
 end
 
 -- Cancel a command no worker has taken yet: note why in its journal (`cancelled`) so that no worker ever runs it (the
--- worker that takes it commits it `cancelled`, unrun); it no longer counts against the queue cap. A command already
--- taken cannot be cancelled here: it counts as started. Only a worker writes the result stream.
--- KEYS: cmd, jrnl:<id>, meta   ARGV: group, entry id, journal ttl, reason
+-- worker that takes it commits it `cancelled`, unrun, and only then it stops counting against the queue cap). A
+-- command already taken cannot be cancelled here: it counts as started. Only a worker writes the result stream
+-- and the session's meta.
+-- KEYS: cmd, jrnl:<id>   ARGV: group, entry id, journal ttl, reason
 -- -> {1} cancelled now | {0, result id} answered before | {3, reason} cancelled before | {2} taken: started
 --    | {-1} not this entry's id
 local function cancel(keys, args)
@@ -119,7 +127,6 @@ local function cancel(keys, args)
   if meta[1] ~= args[2] then return {-1} end
   if meta[3] then return {3, meta[3]} end
   if delivered(keys[1], args[1], args[2]) then return {2} end
-  redis.call('HINCRBY', keys[3], 'settled', 1)
   redis.call('HSET', keys[2], 'cancelled', args[4])
   redis.call('EXPIRE', keys[2], args[3])
   return {1}
@@ -136,8 +143,7 @@ local function commit(keys, args)
   local new = 0
   if not rid then
     rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 7))
-    local known = redis.call('HMGET', keys[2], 'entry', 'cancelled')  -- a cancel counted itself settled
-    if known[1] and not known[2] then redis.call('HINCRBY', keys[5], 'settled', 1) end
+    if redis.call('HEXISTS', keys[2], 'entry') == 1 then redis.call('HINCRBY', keys[5], 'settled', 1) end
     redis.call('HSET', keys[2], 'res', rid)
     redis.call('HSETNX', keys[2], 'entry', args[3])
     redis.call('EXPIRE', keys[2], args[4])
