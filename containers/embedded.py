@@ -20,14 +20,17 @@ import redis
 
 from containers.local import pid_running
 from worker.errors import ConfigError, RedisUnavailableError
+from worker.settings import state_dir
+
+__all__ = ["ServerInfo", "alive", "down", "private", "recorded", "server_binary", "state_dir", "up"]
 
 
-def state_dir() -> Path:
-    """Where shellq keeps its local state: SHELLQ_HOME, else $XDG_STATE_HOME/shellq, else ~/.local/state/shellq."""
-    if home := os.environ.get("SHELLQ_HOME"):
-        return Path(home)
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "shellq"
+def private(path: Path) -> Path:
+    """Make `path` (and its parents) a directory only this user may enter (0700): the server's data (every
+    session's commands and output, in its AOF), its users and password, and the sessions' logs live under it."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 @dataclass
@@ -86,7 +89,7 @@ def up(
     if (info := recorded()) and alive(info):
         return info, False
     data = _data_dir(data_dir)
-    data.mkdir(parents=True, exist_ok=True)
+    private(data)
     conf = data / "shellq-server.conf"
     before = _previous(conf)
     password = before[1] if before else secrets.token_hex(16)
@@ -119,7 +122,7 @@ def up(
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RedisUnavailableError(f"{binary} did not start; see {info.log}")
         time.sleep(0.05)
-    _record().parent.mkdir(parents=True, exist_ok=True)
+    private(_record().parent)
     _write_private(_record(), json.dumps(asdict(info)))
     return info, True
 

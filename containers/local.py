@@ -60,13 +60,14 @@ class LocalBackend:
         if self._alive_pid(session):
             raise ShellqError(f"session {session} already has a live worker")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.chmod(0o700)  # the logs name commands; the credentials and session directories lie beside
         creds = access.grant(self.redis, session)
         password_file = self.password_file(session)
         password_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(creds.worker_password + "\n")
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**_base_env(env), **(env or {})}
         full_env.update(
             SHELLQ_REDIS_URL=access.url_for(self.redis_url, creds.worker_user),
             SHELLQ_REDIS_PASSWORD_FILE=str(password_file),
@@ -141,8 +142,7 @@ class LocalBackend:
         """Delete what the session left on this machine (its directory, with the marker file by which its next worker
         would take deleted keys for a Redis that lost them, and its log), so that its name is free again. Call it
         after `stop`, when the session's keys are deleted too; returns whether there was anything."""
-        default_dir = Path(f"/tmp/shellq-{session}")  # where `shellq worker` keeps it (worker/loop.py)
-        found = [p for p in (self.work_dir(session), self.log_path(session), default_dir / MARKER) if p.exists()]
+        found = [p for p in (self.work_dir(session), self.log_path(session)) if p.exists()]
         for path in found:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -163,6 +163,18 @@ class LocalBackend:
             return "\n".join(self.log_path(session).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+_PASSED_TO_ANOTHER_USER = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def _base_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The worker's environment before its own settings: this process's, or, when the shell is to run as another
+    user (SHELLQ_SHELL_USER), only the locale, PATH and TMPDIR of it: the shell inherits the worker's environment,
+    and the operator's may hold credentials (REDISCLI_AUTH, cloud keys) that user must not see."""
+    if (env or {}).get("SHELLQ_SHELL_USER", os.environ.get("SHELLQ_SHELL_USER")):
+        return {k: v for k, v in os.environ.items() if k in _PASSED_TO_ANOTHER_USER or k.startswith("SHELLQ_")}
+    return dict(os.environ)
 
 
 def pid_running(pid: int) -> bool:

@@ -338,8 +338,14 @@ def cmd_session_list(args: argparse.Namespace) -> int:
     print(f"{'SESSION':<24}{'BACKEND':<9}{'WORKER':<8}{'STATE':<9}{'QUEUE':>6}  {'EPOCH':>5}  CURRENT")
     for r in rows:
         depth = "?" if r.queue_depth is None else str(r.queue_depth)
-        print(f"{r.name:<24}{r.backend:<9}{r.worker:<8}{r.state:<9}{depth:>6}  {r.shell_epoch:>5}  {r.note}")
+        backend, state, note = (_printable(x) for x in (r.backend, r.state, r.note))
+        print(f"{r.name:<24}{backend:<9}{r.worker:<8}{state:<9}{depth:>6}  {r.shell_epoch:>5}  {note}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: what Redis holds must not drive the terminal it is printed on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

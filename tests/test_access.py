@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,6 +65,8 @@ def test_shellq_up_needs_the_admin_password_and_session_users_come_and_go(cli: C
     url = admin_url(Path(cli.env["SHELLQ_HOME"]))
     admin = redis.Redis.from_url(url)
     port = admin.connection_pool.connection_kwargs["port"]
+    home = Path(cli.env["SHELLQ_HOME"])  # the AOF holds every session's commands and output: this user's only
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (home, home / "server")} == {0o700}
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).ping()  # the default user needs the admin password
     started = cli("session", "start", "--name", session_id, "--producer-url")
@@ -194,3 +197,23 @@ def test_a_server_without_an_aclfile_works_and_says_its_users_will_not_survive_a
             backend.stop(session_id)
     finally:
         plain.stop()
+
+
+def test_a_shell_user_gets_none_of_the_operators_environment(
+    server: RedisServer, session_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as another user, the shell must not inherit what the operator's environment holds (REDISCLI_AUTH, a
+    cloud key): only the locale and PATH pass, and shellq's own settings stop at the worker."""
+    if os.geteuid() != 0:
+        pytest.skip("running the shell as another user needs root")
+    monkeypatch.setenv("REDISCLI_AUTH", server.password or "")
+    monkeypatch.setenv("SOME_CLOUD_KEY", "s3cr3t")
+    backend = LocalBackend(server.url, tmp_path / "logs")
+    backend.start(session_id, env={"SHELLQ_SHELL_USER": "nobody"})
+    try:
+        env = Client(server.url).session(session_id).run("env").stdout
+    finally:
+        backend.stop(session_id)
+    assert "PATH=" in env and "USER=nobody" in env
+    assert "s3cr3t" not in env and "REDISCLI_AUTH" not in env and "SHELLQ_" not in env, env
+    assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700

@@ -92,9 +92,8 @@ def test_report_reader_drops_malformed_records(garbage: bytes) -> None:
 def test_garbage_on_the_report_fifo(shell: Shell, tmp_path: Path, write: str) -> None:
     """Anything a command writes to the report FIFO (it can find it: same user) never makes a result answer the
     wrong command or raises: the command and the next one get their own results."""
-    r = shell.run(
-        f"cd '{tmp_path}'; r=$(ls -d /dev/shm/shellq-*/r /tmp/shellq-*/r 2>/dev/null | head -1); "
-        f"{write.format(r='$r')}; echo mine",
+    r = shell.run(  # its own run directory: other shells on this machine (other test runs) are not its to break
+        f"cd '{tmp_path}'; r={shell._bash.rundir}/r; {write.format(r='$r')}; echo mine",
         timeout=20,
     )
     assert (r.status, r.exit_code, r.stdout) == ("completed", 0, b"mine\n")
@@ -107,7 +106,7 @@ def test_forged_early_report_does_not_reach_the_next_command(shell: Shell) -> No
     command still gets exactly its own output."""
     forge = (
         "n=$(alias __shellq_run | sed -n 's/.*__shellq_report \\([0-9a-f]*\\) .*/\\1/p'); "
-        "r=$(ls -d /dev/shm/shellq-*/r /tmp/shellq-*/r 2>/dev/null | head -1); "
+        f"r={shell._bash.rundir}/r; "
         'printf "%s 0 ok /\\0" "$n" >> "$r"; sleep 1; echo late-output'
     )
     first = shell.run(forge, timeout=20)
@@ -117,7 +116,8 @@ def test_forged_early_report_does_not_reach_the_next_command(shell: Shell) -> No
 
 
 def test_run_directory_removed_during_a_command(shell: Shell, tmp_path: Path) -> None:
-    r = shell.run(f"cd '{tmp_path}'; export KEPT=1; rm -rf /dev/shm/shellq-* /tmp/shellq-*/r; echo gone", timeout=20)
+    rundir = shell._bash.rundir  # its own: other shells on this machine (other test runs) are not its to break
+    r = shell.run(f"cd '{tmp_path}'; export KEPT=1; rm -rf {rundir}; echo gone", timeout=20)
     assert (r.status, r.stdout) == ("completed", b"gone\n")
     nxt = shell.run('echo "$KEPT"; pwd', timeout=20)
     assert (nxt.status, nxt.stdout, nxt.shell_epoch) == ("completed", f"1\n{tmp_path}\n".encode(), r.shell_epoch)

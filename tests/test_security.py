@@ -318,22 +318,25 @@ def test_probe_in_a_local_session_reaches_nothing_beyond_it(
     denied = report["searched"]["files"]["denied_paths"] + report["searched"]["dirs"]["denied_paths"]
     assert str(backend.credentials_dir) in denied
     assert {str(backend.password_file(a)), str(redis_server.aclfile)} <= set(denied)
-    assert str(backend.log_path(a)) in report["searched"]["files"]["read_paths"]  # logs are readable, and harmless
+    assert str(backend.log_dir) in denied  # the logs name every command: the backend's own (0700)
 
 
 def test_local_session_cannot_read_another_sessions_spooled_output(
     redis_server: RedisServer, local_sessions: Callable[[RedisServer], LocalSessions]
 ) -> None:
-    """Output past a session's cap is spooled in its session directory (result.spool_path): with the shell user
-    `nobody`, another session's command cannot read it, even where the directories above are open to everyone."""
+    """Output past a session's cap is spooled in its session directory (result.spool_path): readable by its own
+    shell user, not by another session's, even where the directories above are open to everyone. (Sessions that
+    share one shell user share whatever that user can reach: README "Security".)"""
     need_root()
     local = local_sessions(redis_server)
     a, b = f"sec-a-{secrets.token_hex(4)}", f"sec-b-{secrets.token_hex(4)}"
-    sa, sb = local.start(a, shell_user="nobody"), local.start(b, shell_user="nobody")
+    sa, sb = local.start(a, shell_user="nobody"), local.start(b, shell_user="65533")
     secret = f"b-secret-{secrets.token_hex(8)}"
     big = sb.run(f"echo {secret}; head -c 3000000 /dev/zero | tr '\\0' x; echo {secret}", timeout=30)
     assert big.exit_code == 0 and big.truncated and big.spool_path, big.error
     assert secret.encode() in b"".join(p.read_bytes() for p in Path(big.spool_path).iterdir())
+    own = sb.run(f"grep -c {secret} {big.spool_path}/stdout")
+    assert own.stdout == "2\n", own.stderr  # its own shell reads it: the agent can look at the whole output
 
     work = local.backend.work_dir(b)
     found = sa.run(f"cat {big.spool_path}/* 2>/dev/null | grep -c {secret}; grep -rl {secret} {work} 2>/dev/null")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -214,6 +216,7 @@ def test_the_setting_is_read_from_the_environment(caplog: pytest.LogCaptureFixtu
 
 def test_an_unknown_user_stops_the_worker_with_its_config_exit_code(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "SHELLQ_SESSION": "s1", "SHELLQ_SHELL_USER": "no-such-user-xyz"}
+    env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # inside a container, where the worker's packages are
     env |= {"SHELLQ_REDIS_URL": "redis://127.0.0.1:9", "SHELLQ_WORK_DIR": str(tmp_path / "work")}
     command = [sys.executable, "-m", "worker"]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
@@ -240,3 +243,53 @@ def test_a_worker_runs_its_commands_as_the_shell_user(
     ((_, fields),) = client.xrange(keys.res)
     assert (fields[b"status"], fields[b"stdout"]) == (b"completed", f"{NOBODY.pw_uid}\n".encode())
     assert b"Permission denied" in fields[b"stderr"]
+
+
+# -- paths another user planted --------------------------------------------------------------------------------------
+
+
+def test_a_run_directory_replaced_by_another_users_symlink_is_not_followed(nobody: Shell, tmp_path: Path) -> None:
+    """Root deletes the shell's run directory (`rm -rf /dev/shm/*` in a root session) and the shell user plants a
+    symlink at its path: the worker must not make its files (or chown them) wherever that points."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "c").write_text("kept")
+    rundir = nobody._bash.rundir
+    shutil.rmtree(rundir)
+    rundir.symlink_to(target)
+    os.lchown(rundir, NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(OSError, match="replaced by another user's file"):
+        nobody.run("echo hi", timeout=10)  # the worker answers it `interrupted` and starts a new bash
+    assert [(p.name, p.read_text(), p.stat().st_uid) for p in target.iterdir()] == [("c", "kept", 0)]
+
+
+@pytest.mark.parametrize("planted", ["symlink", "another user's", "world-writable"])
+def test_a_session_directory_another_user_could_have_planted_is_refused(
+    make_shell: MakeShell, tmp_path: Path, planted: str
+) -> None:
+    work = tmp_path / "work"
+    if planted == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        work.symlink_to(tmp_path / "elsewhere")
+    else:
+        work.mkdir()
+        if planted == "another user's":
+            os.chown(work, NOBODY.pw_uid, NOBODY.pw_gid)
+        else:
+            work.chmod(0o777)
+    with pytest.raises(ConfigError, match="not a private directory"):
+        make_shell(work_dir=str(work), user="nobody")
+
+
+def test_the_spool_is_the_shell_users_to_read_and_nobody_elses(make_shell: MakeShell) -> None:
+    base = Path(tempfile.mkdtemp(prefix="shellq-test-", dir="/tmp"))  # open above, as /tmp is (tmp_path is 0700)
+    base.chmod(0o755)
+    sh = make_shell(work_dir=str(base / "work"), user="nobody", output_cap=1024)
+    r = sh.run("head -c 5000 /dev/zero | tr '\\0' y", timeout=20)
+    assert r.truncated and r.spool_path is not None
+    own = sh.run(f"wc -c < {r.spool_path}/stdout", timeout=20)
+    assert own.stdout == b"5000\n", own.stderr
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in (base / "work", Path(r.spool_path))}
+    sh.close()
+    shutil.rmtree(base)
+    assert all(mode & 0o007 == 0 for mode in modes.values()), modes  # others: nothing

@@ -33,7 +33,7 @@ from worker.errors import (
     ShellqError,
 )
 from worker.protocol import CommandRequest, CommandResult, DecodeError
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, state_dir
 from worker.shell import Shell, ShellResult
 from worker.store import Entry, SessionStore, check_durability
 
@@ -52,7 +52,7 @@ class Worker:
     def __init__(self, settings: WorkerSettings, shell: Shell | None = None) -> None:
         self.settings = settings
         self.store = SessionStore(settings)
-        self.work_dir = settings.work_dir or Path(f"/tmp/shellq-{settings.session}")
+        self.work_dir = settings.work_dir or state_dir() / "sessions" / settings.session
         self.shell = shell or self._new_shell()
         self.stopping = threading.Event()
         self.running: tuple[str, threading.Event] | None = None

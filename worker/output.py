@@ -5,30 +5,51 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from worker.errors import ConfigError
+
+
+def private_dir(path: Path, group: int | None = None) -> Path:
+    """`path` as a directory no other user may change: made (with its parents) mode 0700, or 0750 owned by `group`
+    (the shell user's, which may then read what is spooled there). An existing one must be this process's user's
+    own directory, not a symlink, and writable by nobody else; ConfigError otherwise (a path another user planted
+    beforehand in /tmp, say: the worker would write, and delete, wherever it points)."""
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise ConfigError(f"{path} is not a private directory of this user's: refusing to use it") from None
+        return path
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o750)
+    return path
 
 
 class Spool:
     """A directory of spooled outputs, one subdirectory per command, kept under a byte quota (oldest evicted first)."""
 
-    def __init__(self, root: Path, quota: int) -> None:
+    def __init__(self, root: Path, quota: int, group: int | None = None) -> None:
         self.root = root
         self.quota = quota
+        self.group = group
+        """The shell user's group, which may read the spool (see `private_dir`)."""
 
     def open(self, name: str) -> Path:
         """Create the command's directory, evicting the oldest ones while the spool is over half its quota."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root, self.group)
         dirs = sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
         used = sum(_tree_size(p) for p in dirs)
         while dirs and used > self.quota // 2:
             oldest = dirs.pop(0)
             used -= _tree_size(oldest)
             shutil.rmtree(oldest, ignore_errors=True)
-        path = self.root / name
-        path.mkdir(exist_ok=True)
-        return path
+        return private_dir(self.root / name, self.group)
 
     def room(self) -> int:
         """Bytes that may still be written before the quota is reached."""

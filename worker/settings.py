@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,14 @@ from pydantic import Field
 
 from worker import protocol
 from worker.protocol import EnvSettings
+
+
+def state_dir() -> Path:
+    """Where shellq keeps its local state: SHELLQ_HOME, else $XDG_STATE_HOME/shellq, else ~/.local/state/shellq."""
+    if home := os.environ.get("SHELLQ_HOME"):
+        return Path(home)
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "shellq"
 
 
 class WorkerSettings(EnvSettings):
@@ -36,7 +45,9 @@ class WorkerSettings(EnvSettings):
     spool_quota: int = Field(default=1 << 30, ge=0)
     """Bytes of spooled output kept in the session directory."""
     work_dir: Path | None = None
-    """The session directory (spooled output); default: a directory under the system temp dir."""
+    """The session directory (spooled output, the worker's marker); default: `sessions/<session>` in shellq's state
+    directory (`state_dir`), which is this user's own: a fixed path in /tmp could be planted by another user. The
+    worker refuses a directory that is not its user's or that others may write."""
     shell_user: str | None = None
     """Run the shell (every command) as this user, a name or uid, with its own groups only, so commands cannot read
     the worker's secrets; needs a worker running as root. It starts in that user's home (else `/`), not in

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from worker import procs, shell_driver
+from worker import output, procs, shell_driver
 from worker.output import OutputCapture, Spool, read_available
 from worker.shell_driver import ReportReader
 from worker.shell_process import ShellProcess, ShellUser
@@ -127,8 +127,9 @@ class Shell:
         self.reap_orphans = reap_orphans and procs.set_child_subreaper()
         self._born = procs.last_pid()
         self._owns_work_dir = work_dir is None
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._spool = Spool(self.work_dir / "spool", spool_quota)
+        group = self._user.gid if self._user else None
+        output.private_dir(self.work_dir, group)
+        self._spool = Spool(self.work_dir / "spool", spool_quota, group)
         self._start_cwd = cwd or (self._user.start_dir() if self._user else str(self.work_dir))
         self._env = _shell_env(env, self._user)
         self._lock = threading.Lock()
@@ -220,14 +221,17 @@ class Shell:
     def _heredoc_problem(self, body: bytes) -> bytes | None:
         """bash runs a script whose heredoc never ends (with a warning); we refuse it, as a terminal would hang."""
         self._bash.write_command(body)
-        check = subprocess.run(
-            ["bash", "--norc", "--noprofile", "-n", str(self._bash.cmd_file)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env=self._env,
-            timeout=30,
-            check=False,
-        )
+        try:
+            check = subprocess.run(
+                ["bash", "--norc", "--noprofile", "-n", str(self._bash.cmd_file)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=self._env,
+                timeout=30,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:  # the file grew under it (a job of an earlier command): let bash judge
+            return None
         if b"delimited by end-of-file" not in check.stderr:
             return None
         lines = [line for line in check.stderr.splitlines(keepends=True) if b"delimited by end-of-file" in line]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import fcntl
 import os
 import platform
@@ -174,8 +175,14 @@ class ShellProcess:
 
     def restore_files(self) -> bool:
         """Make what a command removed (`rm -rf /dev/shm/*`) again, at the same paths, so the shell and its state
-        go on; True when the report FIFO is new (its reader changed)."""
-        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        go on; True when the report FIFO is new (its reader changed). OSError when the path now holds something
+        this process does not own (a symlink or directory another user planted where ours was deleted): the worker
+        then starts a new bash with a new run directory instead of following it."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.rundir, 0o700)
+        info = os.lstat(self.rundir)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EEXIST, "the shell's run directory was replaced by another user's file", self.rundir)
         if self.user is not None:
             os.chown(self.rundir, -1, self.user.gid)
             os.chmod(self.rundir, 0o710)
