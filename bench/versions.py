@@ -4,7 +4,8 @@ asserted): what a change cost.
     python bench/versions.py --before REF [--runs 2000] [--rounds 3] [--appendfsync everysec|always] [--json out]
 
 Method: `git worktree add` REF into a temporary directory. Each round measures, one after the other (so drift in
-this machine's speed hits every side alike), in a fresh process whose imports come from that side's tree:
+this machine's speed hits every side alike, and in a rotating order, so no side always runs last), in a fresh
+process whose imports come from that side's tree:
   before        REF: a private redis-server (AOF on), one `python -m worker` subprocess, `Session.run("true")`
                 through the `default` user (no password)
   after         this checkout, the same way
@@ -118,7 +119,9 @@ def main() -> None:
             raw: dict[str, list[list[float]]] = {name: [] for name in sides}
             print(f"{'side':<14}{'round':>6} {'n':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9}")
             for round_no in range(1, args.rounds + 1):
-                for name, (tree, acl) in sides.items():
+                order = list(sides.items())
+                shift = (round_no - 1) % len(order)  # each side takes each place in turn: no side is always last
+                for name, (tree, acl) in order[shift:] + order[:shift]:
                     ms = side(tree, args.runs, args.appendfsync, acl)
                     raw[name].append(ms)
                     print(f"{name:<14}{round_no:>6} {stats(ms)}", flush=True)
