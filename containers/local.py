@@ -100,6 +100,7 @@ class LocalBackend:
         keys = protocol.keys(session)
         pid = self._alive_pid(session)
         if pid is None:
+            self._reap(session)
             self._revoke(session)
             return False
         request: Any = self.redis.xadd(keys.ctl, protocol.encode(protocol.ControlRequest(op="shutdown")))  # type: ignore[arg-type]
@@ -116,10 +117,16 @@ class LocalBackend:
         self.redis.hset(keys.meta, "state", "stopped")
         if not pid_running(pid):
             self._release_lease(session)
-        if (proc := self._procs.pop(session, None)) is not None:
-            proc.poll()  # reaped, when this process started it
+        self._reap(session)
         self._revoke(session)
         return True
+
+    def _reap(self, session: str) -> None:
+        """Wait for the worker this object started (its exit status is read, no zombie is left), at most a second:
+        /proc can call it gone a moment before its exit status can be read."""
+        if (proc := self._procs.pop(session, None)) is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
 
     def password_file(self, session: str) -> Path:
         return self.credentials_dir / f"{protocol.check_id(session, 'session id')}.password"

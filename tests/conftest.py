@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,17 @@ def redis_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own (it changes server-wide state: users, the Functions library), the first kind
+    this machine has."""
+    kind, binary = next(iter(server_binaries().items()))
+    server = RedisServer(kind, binary, tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def session_id() -> str:
     """A fresh session id per test, so tests never see each other's streams."""
     return f"t-{uuid.uuid4().hex[:12]}"
@@ -112,3 +125,67 @@ def worker_process(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callab
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- Docker ----------------------------------------------------------------------------------------------------------
+
+DOCKER_BASE = "shellq-base:bookworm"
+"""The debootstrap base image .ci/run builds (containers/base-image.sh)."""
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip without it on a developer's machine; in CI, where .ci/run sets everything up, fail."""
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI must have it: .ci/run sets it up)")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    """The Docker engine; at the end of the module, no container of a session may be left (the docker SDK is
+    imported here, not at the top: the shell tests also run inside the worker image, which lacks it)."""
+    import docker
+    from docker.errors import DockerException
+
+    from containers.docker_backend import LABEL
+
+    client = None
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException:
+        client = None
+    if client is None:  # the SDK leaves a socket behind when no engine answers: finalize it here, quietly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        need(False, "no Docker engine")
+    assert client is not None
+    yield client
+    leftovers = client.containers.list(all=True, filters={"label": LABEL})
+    for c in leftovers:
+        c.remove(force=True)
+    assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+
+
+def build_image(engine: Any, base: str, tag: str) -> str:
+    """`shellq image build --base BASE --tag TAG`, as a user runs it."""
+    from docker.errors import DockerException
+
+    try:
+        engine.images.get(base)
+    except DockerException:
+        need(False, f"base image {base} missing (containers/base-image.sh builds it)")
+    shellq = Path(sys.executable).parent / "shellq"
+    build = [str(shellq), "image", "build", "--base", base, "--tag", tag]
+    done = subprocess.run(build, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Step 1/" in done.stderr  # progress is shown
+    return tag
+
+
+@pytest.fixture(scope="module")
+def image(engine: Any) -> str:
+    """The worker image on the debootstrap base."""
+    return build_image(engine, DOCKER_BASE, "shellq-worker:test")

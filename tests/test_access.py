@@ -101,12 +101,9 @@ def test_shellq_up_needs_the_admin_password_and_session_users_come_and_go(cli: C
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    kind, binary = next(iter(server_binaries().items()))
-    s = RedisServer(kind, binary, tmp_path)
-    s.start()
-    yield s
-    s.stop()
+def server(private_server: RedisServer) -> RedisServer:
+    """A server of this test's own (conftest.py): these tests change its users or its Functions library."""
+    return private_server
 
 
 def test_an_admin_user_that_is_not_default_with_the_documented_rules(

@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
+from conftest import build_image, need
 from docker.errors import DockerException
 from helpers import ROOT, RedisServer, server_binaries, wait_for
 
@@ -26,52 +25,6 @@ pytestmark = pytest.mark.docker
 SHELLQ = Path(sys.executable).parent / "shellq"
 BASE = "shellq-base:bookworm"
 SECOND_BASE = "shellq-base:trixie"
-
-
-def need(condition: bool, why: str) -> None:
-    if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"{why} (CI must have it: .ci/run sets it up)")
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    client = None
-    try:
-        client = docker.from_env()
-        client.ping()
-    except DockerException:
-        client = None
-    if client is None:  # the SDK leaves a socket behind when no engine answers: finalize it here, quietly
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        need(False, "no Docker engine")
-    assert client is not None
-    yield client
-    leftovers = client.containers.list(all=True, filters={"label": LABEL})
-    for c in leftovers:
-        c.remove(force=True)
-    assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
-
-
-def build_image(engine: docker.DockerClient, base: str, tag: str) -> str:
-    try:
-        engine.images.get(base)
-    except DockerException:
-        need(False, f"base image {base} missing (containers/base-image.sh builds it)")
-    done = subprocess.run(
-        [str(SHELLQ), "image", "build", "--base", base, "--tag", tag], capture_output=True, check=False
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"Step 1/" in done.stderr  # progress is shown
-    return tag
-
-
-@pytest.fixture(scope="module")
-def image(engine: docker.DockerClient) -> str:
-    return build_image(engine, BASE, "shellq-worker:test")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import base64
-import gc
 import json
 import os
 import pwd
@@ -27,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -522,53 +520,6 @@ def test_replaced_library_is_refused_by_a_producer_with_a_clear_error(own_server
 
 
 # -- docker ----------------------------------------------------------------------------------------------------------
-
-DOCKER_BASE = "shellq-base:bookworm"
-
-
-def need(condition: bool, why: str) -> None:
-    if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"{why} (CI must have it: .ci/run sets it up)")
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    """The Docker engine (tests/test_docker.py's fixture): skipped without one, failed in CI."""
-    import docker
-    from docker.errors import DockerException
-
-    client = None
-    try:
-        client = docker.from_env()
-        client.ping()
-    except DockerException:
-        client = None
-    if client is None:  # the SDK leaves a socket behind when no engine answers: finalize it here, quietly
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        need(False, "no Docker engine")
-    yield client
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    """The worker image built from the debootstrap base, as tests/test_docker.py builds it."""
-    from docker.errors import DockerException
-
-    try:
-        engine.images.get(DOCKER_BASE)
-    except DockerException:
-        need(False, f"base image {DOCKER_BASE} missing (containers/base-image.sh builds it)")
-    tag = "shellq-worker:test"  # the tag tests/test_docker.py builds, from the same base: no image of its own
-    shellq = Path(sys.executable).parent / "shellq"
-    done = subprocess.run(
-        [str(shellq), "image", "build", "--base", DOCKER_BASE, "--tag", tag], capture_output=True, check=False
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    return tag
 
 
 @pytest.mark.docker

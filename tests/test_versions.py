@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, RedisServer, server_binaries
+from helpers import ROOT, RedisServer
 
 from producer import Client, ConfigError
 from worker import protocol
@@ -19,13 +18,9 @@ NEWER = protocol.FUNCTIONS_VERSION + 1
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of its own: these tests load other versions of the library."""
-    kind, binary = next(iter(server_binaries().items()))
-    s = RedisServer(kind, binary, tmp_path)
-    s.start()
-    yield s
-    s.stop()
+def server(private_server: RedisServer) -> RedisServer:
+    """A server of this test's own (conftest.py): these tests change its users or its Functions library."""
+    return private_server
 
 
 def library(version: int) -> str:
