@@ -96,6 +96,7 @@ def grant(r: redis.Redis, session: str) -> Credentials:
         why = f"cannot create the users of session {session} (this Redis user needs ACL SETUSER)"
         raise ConfigError(f"{why}: {e}") from None
     save(r)
+    _record_durability(r, session)
     return creds
 
 
@@ -128,6 +129,16 @@ def sessions_with_users(r: redis.Redis) -> set[str]:
     """The sessions that have a worker or producer user (ACL USERS)."""
     names = (u.decode() if isinstance(u, bytes) else str(u) for u in _call(r, "ACL", "USERS"))
     return {n.split(".", 2)[2] for n in names if n.startswith(("shellq.worker.", "shellq.producer."))}
+
+
+def _record_durability(r: redis.Redis, session: str) -> None:
+    """Check the server's durability for the session's worker, whose user may not run INFO: record what is wrong in
+    the session's meta (`durability`, one problem a line; empty: nothing), where the worker reads it."""
+    try:
+        info: dict[str, Any] = {**r.info("persistence"), **r.info("memory")}
+    except redis.ResponseError:
+        return  # this admin may not run INFO either: the worker says durability is unknown
+    r.hset(protocol.keys(session).meta, "durability", "\n".join(protocol.durability_problems(info)))
 
 
 _warned: set[str] = set()

@@ -89,6 +89,8 @@ class LocalBackend:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
+                self._procs.pop(session, None)
+                self._revoke(session)
                 raise SessionStartError(f"the worker of session {session} did not start:\n{self._log_tail(session)}")
             time.sleep(0.05)
         self.redis.hset(keys.meta, mapping={"backend": self.name, "log": str(self.log_path(session))})

@@ -19,7 +19,7 @@ import redis
 from helpers import RedisServer, server_binaries
 
 from containers import access
-from containers.local import LocalBackend
+from containers.local import LocalBackend, SessionStartError
 from producer import AccessDeniedError, Client, ResultTimeoutError
 from worker import protocol
 
@@ -214,3 +214,16 @@ def test_a_shell_user_gets_none_of_the_operators_environment(
     assert "PATH=" in env and "USER=nobody" in env
     assert "s3cr3t" not in env and "REDISCLI_AUTH" not in env and "SHELLQ_" not in env, env
     assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
+
+
+def test_a_workers_user_may_not_run_info_so_the_admin_records_durability_for_it(
+    server: RedisServer, session_id: str, tmp_path: Path
+) -> None:
+    """The test servers run without AOF. The session's worker (its user may not run INFO) learns that from what
+    the admin recorded when it made the users, warns, and with SHELLQ_REQUIRE_DURABLE refuses to start."""
+    backend = LocalBackend(server.url, tmp_path / "logs")
+    backend.start(session_id)
+    backend.stop(session_id)
+    assert "Redis is not durable: AOF is off" in backend.log_path(session_id).read_text()
+    with pytest.raises(SessionStartError, match=r"refusing to start \(SHELLQ_REQUIRE_DURABLE\): AOF is off"):
+        backend.start(session_id, start_timeout=10, env={"SHELLQ_REQUIRE_DURABLE": "1"})

@@ -274,6 +274,17 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     return out
 
 
+def durability_problems(info: dict[str, Any]) -> list[str]:
+    """What makes a Redis lose accepted commands or results, from its INFO `persistence` and `memory` fields."""
+    problems = []
+    if str(info.get("aof_enabled", "0")) == "0":
+        problems.append("AOF is off: a Redis crash loses accepted commands and results")
+    policy = str(info.get("maxmemory_policy", "noeviction"))
+    if policy != "noeviction":
+        problems.append(f"maxmemory-policy is {policy}: Redis may evict a session's streams")
+    return problems
+
+
 FUNCTIONS_SHA256 = hashlib.sha256(FUNCTIONS.encode()).hexdigest()
 """What identifies this shellq's library: workers and producers run only against exactly this code."""
 

@@ -169,23 +169,18 @@ class SessionStore:
             answered += self.commit(entry_id, result, checked=False)
         return answered
 
-    def durability_problems(self) -> list[str]:
+    def durability_problems(self) -> list[str] | None:
         """What makes this Redis lose accepted commands or results (INFO persistence, INFO memory). A session's own
-        worker user may not run INFO (a @dangerous command): then nothing is found here, and the admin's
-        `session start` checks instead."""
-        problems = []
+        worker user may not run INFO (a @dangerous command): then what the admin found when it made the session's
+        users (meta `durability`, see containers/access.py), or None when nobody checked."""
         try:
-            self._info("persistence")
+            info = {**self._info("persistence"), **self._info("memory")}
         except RedisReplyError as e:
             if "NOPERM" not in str(e):
                 raise
-            return []
-        if self._info("persistence").get("aof_enabled", "0") == "0":
-            problems.append("AOF is off: a Redis crash loses accepted commands and results")
-        policy = self._info("memory").get("maxmemory_policy", "noeviction")
-        if policy != "noeviction":
-            problems.append(f"maxmemory-policy is {policy}: Redis may evict a session's streams")
-        return problems
+            found: bytes | None = self.redis.call("HGET", self.keys.meta, "durability")
+            return None if found is None else [p for p in found.decode(errors="replace").split("\n") if p]
+        return protocol.durability_problems(info)
 
     # -- commands ------------------------------------------------------------------------------------------------
 
@@ -306,6 +301,8 @@ class SessionStore:
 def check_durability(store: SessionStore) -> None:
     """Log each durability problem loudly; with `require_durable`, refuse to start instead."""
     problems = store.durability_problems()
+    if problems is None:
+        problems = ["unknown: this worker's Redis user may not run INFO, and no admin recorded the server's durability"]
     for problem in problems:
         log.warning("Redis is not durable: %s", problem)
     if problems and store.settings.require_durable:
