@@ -37,6 +37,18 @@ INSTANCE_LABEL = "shellq.instance"
 DEFAULT_IMAGE = "shellq-worker:latest"
 SHELL_USER = "shellq"
 """The user the shell runs as in a container (the image makes it); the worker stays root."""
+WORKER_CAPABILITIES = {
+    "SETUID": "start bash as the shell user",
+    "SETGID": "give it that user's groups, and only those",
+    "KILL": "signal the shell's processes (timeouts, interrupts, the guard's cleanup)",
+    "CHOWN": "hand the shell its command file and FIFOs",
+    "FOWNER": "reset the access time of the shell's command file (how the worker tells a command ran)",
+    "DAC_OVERRIDE": "open the shell's FIFOs and command file again (0600, the shell user's), check its syntax",
+    "SYS_PTRACE": "read /proc/PID/syscall and fd/0 of a bash of another uid (is it back at its prompt?)",
+}
+"""The only capabilities a session container keeps (Docker's other defaults, NET_RAW, MKNOD, SETFCAP, SETPCAP,
+NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE, FSETID, are dropped), and why the worker (root) needs each. The shell runs
+as the shell user with none, and `no-new-privileges` keeps setuid binaries and file capabilities from adding any."""
 PASSWORD_FILE = "/etc/shellq/redis-password"
 """Where the worker's Redis password is put in its container, before the container starts."""
 
@@ -102,8 +114,9 @@ class DockerBackend:
             network_mode=network or self._default_network(),
             environment=environment,
             restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},  # a worker that died restarts and recovers
-            # the worker (root) reads /proc/PID/syscall and fd/0 of a bash running as another uid (the prompt check)
-            cap_add=["SYS_PTRACE"],
+            cap_drop=["ALL"],
+            cap_add=list(WORKER_CAPABILITIES),
+            security_opt=["no-new-privileges:true"],
         )
         container.put_archive("/", _password_archive(creds.worker_password))
         container.start()

@@ -275,3 +275,31 @@ def test_cli_docker_stop_keep_resumes_and_stop_frees_the_name(image: str, redis_
         assert Client(redis_url).redis.xlen(protocol.keys(session_id).res) == 1
     finally:
         _shellq(redis_url, "session", "stop", session_id)
+
+
+def test_least_privilege_in_the_container(backend: DockerBackend, redis_url: str, session_id: str) -> None:
+    """The shell: not root, no capabilities, no-new-privileges (no setuid binary or file capability adds any). The
+    worker (root): only the capabilities DockerBackend names, none of Docker's other defaults (NET_RAW...)."""
+    from containers.docker_backend import WORKER_CAPABILITIES
+
+    container_id = backend.start(session_id, env=FAST)
+    s = session(redis_url, session_id)
+    status = s.run("id -un; grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status").stdout.split("\n")
+    assert status[0] == "shellq"
+    fields = dict(line.split(":\t") for line in status[1:] if line)
+    assert (fields["CapEff"], fields["NoNewPrivs"]) == ("0000000000000000", "1"), fields
+    expected = sum(1 << _CAP_NUMBERS[name] for name in WORKER_CAPABILITIES)
+    assert int(fields["CapBnd"], 16) == expected  # the bounding set: nothing else can ever be gained
+    raw = s.run("python3 -c 'import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)'")
+    assert raw.exit_code != 0 and "Operation not permitted" in raw.stderr
+    pid = backend.redis.hget(protocol.keys(session_id).meta, "pid")
+    assert pid is not None
+    container = backend.docker.containers.get(container_id)
+    code, out = container.exec_run(["grep", "-E", "^CapEff:", f"/proc/{pid.decode()}/status"])
+    assert code == 0 and int(out.split()[1], 16) == expected, out
+    assert s.run("echo still fine").stdout == "still fine\n"
+    backend.stop(session_id)
+
+
+_CAP_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7, "SYS_PTRACE": 19}
+"""linux/capability.h"""
