@@ -22,9 +22,6 @@ from containers import access
 from worker import protocol
 from worker.errors import ShellqError
 
-MARKER = ".shellq-session"
-"""The file a worker leaves in its session directory when it creates the session (worker/store.py `open_session`)."""
-
 RELEASE = "if redis.call('GET', KEYS[1]) == redis.call('HGET', KEYS[2], 'instance') then redis.call('DEL', KEYS[1]) end"
 """Lua: delete the lease (KEYS[1]) when it is still the token of the worker the meta hash (KEYS[2]) names."""
 

@@ -59,12 +59,8 @@ class ClientSettings(EnvSettings):
 def _redis_errors(url: str) -> Iterator[None]:
     try:
         yield
-    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:  # WRONGPASS, NOAUTH; NOPERM
         raise AccessDeniedError(f"Redis at {_redact(url)} refused this user: {e}") from None
-    except redis.ResponseError as e:
-        if str(e).startswith(("NOPERM", "WRONGPASS", "NOAUTH")):
-            raise AccessDeniedError(f"Redis at {_redact(url)} refused this user: {e}") from None
-        raise
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailableError(f"cannot reach Redis at {_redact(url)}: {e}") from e
 
@@ -423,7 +419,7 @@ class Session:
 def _cancelled(command_id: str, entry_id: bytes | None, reason: bytes) -> Result:
     """The result of a command a producer cancelled before any worker took it, as its journal tells it (the worker
     that takes it later commits the same on the result stream)."""
-    error = f"cancelled before it started: {reason.decode(errors='replace')}"
+    error = protocol.cancelled_error(reason.decode(errors="replace"))
     entry = entry_id.decode() if entry_id else ""
     return Result.from_wire(CommandResult(id=command_id, entry_id=entry, status="cancelled", error=error))
 

@@ -270,7 +270,7 @@ class Worker:
         if original := self.store.original(cid, entry_id):
             return _duplicate(cid, entry_id, original)
         if (reason := self.store.cancel_reason(entry_id)) is not None:
-            return _result(cid, entry_id, "cancelled", f"cancelled before it started: {reason}")
+            return _result(cid, entry_id, "cancelled", protocol.cancelled_error(reason))
         if protocol.entry_size(fields) > protocol.MAX_ENTRY_BYTES:
             return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
         try:

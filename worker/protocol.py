@@ -274,6 +274,12 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     return out
 
 
+def cancelled_error(reason: str) -> str:
+    """The `error` of a command a producer cancelled before any worker took it: the same whether the producer reads
+    it from the journal or the worker that takes the command commits it."""
+    return f"cancelled before it started: {reason}"
+
+
 def durability_problems(info: dict[str, Any]) -> list[str]:
     """What makes a Redis lose accepted commands or results, from its INFO `persistence` and `memory` fields."""
     problems = []
