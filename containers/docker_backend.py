@@ -1,9 +1,14 @@
-"""The Docker backend: one container per session, labelled `shellq.session=S`, always removed.
+"""The Docker backend: one container per session, a sandbox, always removed.
 
-The container runs the worker image (`shellq image build`) with an init that reaps zombies, resource limits and
-the session's Redis settings; start returns once the worker's heartbeat is seen. A container that dies while its
-session has commands queued gets them answered `unavailable` at once (a watcher on Docker's event stream), so an
-agent never mistakes a dead environment for a failing command or waits for nothing.
+The container runs the worker image (`shellq image build`) with an init that reaps zombies, limits (memory with
+swap included, CPU, pids, disk), only the capabilities its worker needs, `no-new-privileges`, and no network: it
+reaches Redis through Redis's unix socket, whose directory is mounted in, and nothing else (an explicit `network`
+adds one). Start returns once the worker's heartbeat is seen. A container that dies while its session has commands
+queued gets them answered `unavailable` at once (a watcher on Docker's event stream), so an agent never mistakes a
+dead environment for a failing command or waits for nothing.
+
+Containers carry `shellq.session=S` and `shellq.instance=<the Redis server's shellq id>`: many shellq servers can
+share one engine, and stop, gc and cleanup only ever touch their own server's containers.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import docker
 import redis
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import Mount
 
 from containers import access
 from containers.local import SessionStartError
@@ -34,6 +41,13 @@ log = logging.getLogger("shellq.containers")
 
 LABEL = "shellq.session"
 INSTANCE_LABEL = "shellq.instance"
+"""The id of the shellq server (the Redis server, `server_id`) whose session a container runs."""
+WORKER_LABEL = "shellq.worker"
+"""The id its worker announces in the session's meta (`instance`): which container holds the session."""
+SERVER_KEY = "shellq:server"
+"""A hash on each Redis server shellq uses: `id`, made once, names that server's containers on shared engines."""
+SOCKET_DIR = "/run/shellq-redis"
+"""Where the directory of Redis's unix socket is mounted (read-only) in a container."""
 DEFAULT_IMAGE = "shellq-worker:latest"
 SHELL_USER = "shellq"
 """The user the shell runs as in a container (the image makes it); the worker stays root."""
@@ -50,7 +64,15 @@ WORKER_CAPABILITIES = {
 NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE, FSETID, are dropped), and why the worker (root) needs each. The shell runs
 as the shell user with none, and `no-new-privileges` keeps setuid binaries and file capabilities from adding any."""
 PASSWORD_FILE = "/etc/shellq/redis-password"
-"""Where the worker's Redis password is put in its container, before the container starts."""
+"""Where the worker's Redis password is put in its container (a volume of its own, so a read-only root works too),
+before the container starts: root's, 0600."""
+
+
+def server_id(r: redis.Redis) -> str:
+    """This Redis server's shellq id (12 hex digits, made on first use and kept in `shellq:server`)."""
+    r.hsetnx(SERVER_KEY, "id", uuid.uuid4().hex[:12])
+    found: Any = r.hget(SERVER_KEY, "id")
+    return str(found.decode())
 
 
 class DockerBackend:
@@ -67,6 +89,9 @@ class DockerBackend:
         except DockerException as e:
             raise ConfigError(f"no Docker engine: {e}") from None
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self._instance: str | None = None
+        self._socket: Path | None = None
+        self._layer_quota = True  # until the engine says its storage driver cannot bound a container's layer
         self._started: dict[str, str] = {}  # session -> container id, for cleanup
         self._stopping: set[str] = set()
         self._watcher: threading.Thread | None = None
@@ -78,6 +103,13 @@ class DockerBackend:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def instance(self) -> str:
+        """The id of the shellq server this backend works for (`server_id` of its Redis); its containers' label."""
+        if self._instance is None:
+            self._instance = server_id(self.redis)
+        return self._instance
+
     def start(
         self,
         session: str,
@@ -85,46 +117,68 @@ class DockerBackend:
         memory: str = "2g",
         cpus: float = 1.0,
         pids: int = 512,
+        disk: str | None = None,
+        user: str = SHELL_USER,
+        read_only: bool = False,
         mounts: Sequence[str] = (),
         network: str | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
     ) -> str:
-        """Run the session's container and wait for its worker's heartbeat; returns the container id."""
+        """Run the session's container and wait for its worker's heartbeat; returns the container id.
+
+        memory: RAM, swap included (Docker's size strings: "512m", "2g"); cpus: CPUs' worth of time; pids: processes
+        and threads; disk: what the shell may write ("10g"; None: no limit of shellq's): a quota on the container's
+        layer where the storage driver has one, else bounded tmpfs mounts on the shell user's writable places (its
+        home, /tmp, /var/tmp, /run/lock: each up to `disk`, counted in `memory`); user: the shell's user in the image
+        ("root": weaker, see the README); read_only: a read-only root, with tmpfs where the shell and worker write;
+        mounts: HOST:CTR[:ro] binds; network: a Docker network to join besides the way to Redis (None: none; "host"
+        only when asked). Raises SessionStartError (with the container's last log lines) or ConfigError.
+        """
         keys = protocol.keys(session)
         self._check_image()
-        instance = uuid.uuid4().hex[:16]
+        network_mode, binds, worker_url = self._route(network)
+        worker = uuid.uuid4().hex[:16]
         creds = access.grant(self.redis, session)
-        environment = {"SHELLQ_SESSION": session, "SHELLQ_SHELL_USER": SHELL_USER, **(env or {})}
+        environment = {"SHELLQ_SESSION": session, **(env or {})}
+        if user != "root":
+            environment["SHELLQ_SHELL_USER"] = user
         environment.update(
-            SHELLQ_REDIS_URL=access.url_for(self.redis_url, creds.worker_user),
+            SHELLQ_REDIS_URL=worker_url(creds.worker_user),
             SHELLQ_REDIS_PASSWORD_FILE=PASSWORD_FILE,
-            SHELLQ_INSTANCE=instance,
+            SHELLQ_INSTANCE=worker,
         )
         environment.setdefault("SHELLQ_WORK_DIR", "/var/lib/shellq/session")
-        container = self.docker.containers.create(
-            self.image,
-            name=f"shellq-{session}-{uuid.uuid4().hex[:6]}",
-            labels={LABEL: session, INSTANCE_LABEL: instance},
-            init=True,
-            mem_limit=memory,
-            nano_cpus=int(cpus * 1e9),
-            pids_limit=pids,
-            volumes=[_mount(m) for m in mounts],
-            network_mode=network or self._default_network(),
-            environment=environment,
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},  # a worker that died restarts and recovers
-            cap_drop=["ALL"],
-            cap_add=list(WORKER_CAPABILITIES),
-            security_opt=["no-new-privileges:true"],
-        )
-        container.put_archive("/", _password_archive(creds.worker_password))
+        options: dict[str, Any] = {
+            "name": f"shellq-{self.instance}-{session}-{uuid.uuid4().hex[:6]}",
+            "labels": {LABEL: session, INSTANCE_LABEL: self.instance, WORKER_LABEL: worker},
+            "init": True,
+            "mem_limit": memory,
+            "memswap_limit": memory,  # the same figure: no swap beyond the memory limit
+            "nano_cpus": int(cpus * 1e9),
+            "pids_limit": pids,
+            "volumes": binds + [_mount(m) for m in mounts],
+            "mounts": [Mount(target=os.path.dirname(PASSWORD_FILE), source=None, type="volume")],
+            "read_only": read_only,
+            "network_mode": network_mode,
+            "environment": environment,
+            "restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5},  # a dead worker restarts and recovers
+            "cap_drop": ["ALL"],
+            "cap_add": list(WORKER_CAPABILITIES),
+            "security_opt": ["no-new-privileges:true"],
+        }
+        try:
+            container = self._create(options, user, disk)
+            container.put_archive(os.path.dirname(PASSWORD_FILE), _password_archive(creds.worker_password))
+        except BaseException:
+            access.revoke(self.redis, session)
+            raise
         container.start()
         self._started[session] = container.id
         self._watch()
         deadline = time.monotonic() + start_timeout
         next_check = 0.0  # asking Docker costs ~10 ms; Redis is asked every 10 ms
-        while self.redis.hget(keys.meta, "instance") != instance.encode():
+        while self.redis.hget(keys.meta, "instance") != worker.encode():
             if time.monotonic() < next_check:
                 time.sleep(0.01)
                 continue
@@ -133,6 +187,8 @@ class DockerBackend:
             if container.status in ("exited", "dead") or time.monotonic() > deadline:
                 tail = container.logs(tail=20).decode(errors="replace")
                 self._remove(container.id)
+                self._started.pop(session, None)
+                access.revoke(self.redis, session)
                 raise SessionStartError(
                     f"the container of session {session} did not start ({container.status}):\n{tail}"
                 )
@@ -140,9 +196,9 @@ class DockerBackend:
         return str(container.id)
 
     def stop(self, session: str, timeout: float = 10.0) -> bool:
-        """Stop and remove the session's containers (idempotent); returns whether one was there."""
+        """Stop and remove the session's containers of this server (idempotent); returns whether one was there."""
         self._stopping.add(session)
-        found = self.docker.containers.list(all=True, filters={"label": f"{LABEL}={session}"})
+        found = self._containers(session)
         for container in found:
             with contextlib.suppress(DockerException):
                 container.stop(timeout=int(timeout))
@@ -155,18 +211,21 @@ class DockerBackend:
         """Leave the session's container running after this backend object is gone (the CLI's `session start`)."""
         self._started.pop(session, None)
 
-    def gc(self) -> list[str]:
-        """Remove containers whose session is gone or whose worker's heartbeat expired; returns their sessions."""
+    def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove this server's containers whose session is gone or whose worker's heartbeat expired (30 s); returns
+        their sessions. `dry_run`: only say which."""
         removed = []
         self.redis.ping()  # without Redis no container can be judged
-        for container in self.docker.containers.list(all=True, filters={"label": LABEL}):
+        for container in self._containers():
             session = container.labels.get(LABEL, "")
-            instance = container.labels.get(INSTANCE_LABEL, "")
-            if not protocol.ID_PATTERN.match(session) or not self._alive(session, instance):
-                self._remove(container.id)
-                removed.append(session)
-                if protocol.ID_PATTERN.match(session):
-                    access.revoke(self.redis, session)
+            if protocol.ID_PATTERN.match(session) and self._alive(session, container.labels.get(WORKER_LABEL, "")):
+                continue
+            removed.append(session)
+            if dry_run:
+                continue
+            self._remove(container.id)
+            if protocol.ID_PATTERN.match(session):
+                access.revoke(self.redis, session)
         return removed
 
     def close(self) -> None:
@@ -187,10 +246,111 @@ class DockerBackend:
                 " (add --base IMAGE for another base than python:3.12-slim)"
             ) from None
 
-    def _default_network(self) -> str:
-        """host when Redis is on loopback (a bridge could not reach it), else Docker's default bridge."""
-        host = urlsplit(self.redis_url).hostname or ""
-        return "host" if host in ("localhost", "::1") or host.startswith("127.") else "bridge"
+    def _containers(self, session: str | None = None) -> list[Any]:
+        """This server's session containers (of one session, when given), running or not."""
+        labels = [f"{INSTANCE_LABEL}={self.instance}", f"{LABEL}={session}" if session else LABEL]
+        found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels})
+        return found
+
+    def _create(self, options: dict[str, Any], user: str, disk: str | None) -> Any:
+        """containers.create, with the disk limit as a quota on the container's layer where the storage driver has
+        one (learnt from the engine's answer), else as bounded tmpfs mounts (`_tmpfs`)."""
+        if disk and self._layer_quota and not options["read_only"]:
+            try:
+                return self.docker.containers.create(self.image, storage_opt={"size": disk}, **options)
+            except APIError as e:
+                if "storage-opt" not in str(e):
+                    raise
+                self._layer_quota = False  # e.g. overlay2 on ext4: "supported only for overlay over xfs with pquota"
+        tmpfs = self._tmpfs(user, disk, options["read_only"])
+        return self.docker.containers.create(self.image, tmpfs=tmpfs, **options)
+
+    def _route(self, network: str | None) -> tuple[str, list[str], Any]:
+        """How a container reaches Redis: (network mode, binds, worker user -> worker URL). Through Redis's unix
+        socket (its directory mounted read-only) when this backend's Redis has one on this machine, so the container
+        needs no network at all; else over the `network` the caller names (which must reach Redis)."""
+        socket_path = self._redis_socket()
+        if socket_path is not None:
+            db = self.redis.connection_pool.connection_kwargs.get("db", 0)
+            inside = f"{SOCKET_DIR}/{socket_path.name}"
+
+            def via_socket(user: str) -> str:
+                return f"unix://{quote(user, safe='')}@{inside}?db={db}"
+
+            return network or "none", [f"{socket_path.parent}:{SOCKET_DIR}:ro"], via_socket
+        if network is None:
+            host = urlsplit(self.redis_url).hostname or "localhost"
+            raise ConfigError(
+                f"a session container reaches Redis through Redis's unix socket, and the Redis at {host} has none"
+                " on this machine: give it one (`unixsocket` in its config, in a directory of its own; `shellq up`"
+                " does), or name a Docker network from which the container reaches it (--network NAME; the"
+                " container then reaches whatever else that network reaches)"
+            )
+        return network, [], lambda user: access.url_for(self.redis_url, user)
+
+    def _redis_socket(self) -> Path | None:
+        """The unix socket of this backend's Redis server, when it has one on this machine (checked: the same
+        server's run_id answers there) in a directory holding nothing else that a container must not see."""
+        if self._socket is not None:
+            return self._socket
+        try:
+            found: Any = self.redis.config_get("unixsocket")
+            path = found.get("unixsocket")
+            ours: Any = self.redis.info("server")
+        except redis.ResponseError:  # NOPERM: an admin URL without CONFIG (a managed Redis)
+            return None
+        if not path or not os.path.exists(path):
+            return None
+        kwargs = self.redis.connection_pool.connection_kwargs
+        probe = redis.Redis(
+            unix_socket_path=path, username=kwargs.get("username"), password=kwargs.get("password"), socket_timeout=5
+        )
+        try:
+            theirs: Any = probe.info("server")
+        except redis.RedisError:
+            return None
+        finally:
+            probe.close()
+        if theirs.get("run_id") != ours.get("run_id"):
+            return None
+        socket_path = Path(path)
+        others = [p.name for p in socket_path.parent.iterdir() if not (p.is_socket() or p.suffix == ".pid")]
+        if others:
+            raise ConfigError(
+                f"Redis's unix socket is in {socket_path.parent}, which also holds {', '.join(sorted(others)[:3])}:"
+                " a session container gets that directory mounted; give the socket a directory of its own"
+            )
+        self._socket = socket_path
+        return socket_path
+
+    def _tmpfs(self, user: str, disk: str | None, read_only: bool) -> dict[str, str]:
+        """tmpfs mounts on every place the shell user may write in a Debian-like image (its home, /tmp, /var/tmp,
+        /run/lock), each up to `disk`, for a read-only root or a disk limit without a layer quota; else none."""
+        if not (disk or read_only):
+            return {}
+        size = f"size={disk}," if disk else ""
+        tmpfs = {path: f"{size}exec,mode=1777" for path in ("/tmp", "/var/tmp", "/run/lock")}
+        home, uid, gid = self._user_home(user)
+        tmpfs[home] = f"{size}exec,uid={uid},gid={gid},mode=0750"
+        if read_only:
+            tmpfs["/var/lib/shellq"] = f"{size}mode=0755"  # the worker's directory (SHELLQ_WORK_DIR), spool included
+        return tmpfs
+
+    def _user_home(self, user: str) -> tuple[str, int, int]:
+        """(home, uid, gid) of `user` in the image, read from its /etc/passwd (a container created, never started)."""
+        probe = self.docker.containers.create(self.image, labels={INSTANCE_LABEL: self.instance}, network_mode="none")
+        try:
+            stream, _ = probe.get_archive("/etc/passwd")
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.extractfile("passwd")
+                text = member.read().decode(errors="replace") if member else ""
+        finally:
+            probe.remove(force=True)
+        for line in text.splitlines():
+            fields = line.split(":")
+            if len(fields) >= 6 and fields[0] == user and fields[2].isdigit() and fields[3].isdigit():
+                return fields[5] or "/", int(fields[2]), int(fields[3])
+        raise ConfigError(f"no user {user!r} in image {self.image} (its /etc/passwd)")
 
     def _alive(self, session: str, instance: str) -> bool:
         reply: Any = self.redis.hmget(protocol.keys(session).meta, "instance", "heartbeat_ms")
@@ -202,7 +362,7 @@ class DockerBackend:
 
     def _remove(self, container_id: str) -> None:
         with contextlib.suppress(NotFound):
-            self.docker.containers.get(container_id).remove(force=True)
+            self.docker.containers.get(container_id).remove(force=True, v=True)  # v: its password volume too
 
     def _watch(self) -> None:
         """Watch Docker's events for the death of containers this backend started (one thread per backend)."""
@@ -212,7 +372,8 @@ class DockerBackend:
 
     def _watch_events(self) -> None:
         with contextlib.suppress(DockerException):
-            for event in self.docker.events(decode=True, filters={"label": LABEL, "event": "die"}):
+            mine = {"label": [LABEL, f"{INSTANCE_LABEL}={self.instance}"], "event": "die"}
+            for event in self.docker.events(decode=True, filters=mine):
                 attrs: dict[str, Any] = event.get("Actor", {}).get("Attributes", {})
                 session, cid = attrs.get(LABEL, ""), event.get("id", "")
                 if session in self._stopping or self._started.get(session) != cid:
@@ -222,7 +383,7 @@ class DockerBackend:
                     continue  # the worker died, not the container: the restarted worker settles what it left
                 with contextlib.suppress(redis.RedisError):
                     reason = f"its container exited (code {code})"
-                    n = answer_unavailable(self.redis, session, attrs.get(INSTANCE_LABEL, ""), reason)
+                    n = answer_unavailable(self.redis, session, attrs.get(WORKER_LABEL, ""), reason)
                     log.warning(
                         "session %s: container %s died (code %s); %d commands answered unavailable",
                         session,
@@ -250,14 +411,10 @@ def _mount(spec: str) -> str:
 
 
 def _password_archive(password: str) -> bytes:
-    """A tar of PASSWORD_FILE holding `password`: root's, 0600, in a 0700 directory (the shell user cannot read it)."""
+    """A tar of PASSWORD_FILE's name holding `password`: root's, 0600 (the shell user cannot read it)."""
     data, out = (password + "\n").encode(), io.BytesIO()
-    directory = os.path.dirname(PASSWORD_FILE).lstrip("/")
     with tarfile.open(fileobj=out, mode="w") as tar:
-        folder = tarfile.TarInfo(directory)
-        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
-        tar.addfile(folder)
-        secret = tarfile.TarInfo(PASSWORD_FILE.lstrip("/"))
+        secret = tarfile.TarInfo(os.path.basename(PASSWORD_FILE))
         secret.size, secret.mode = len(data), 0o600
         tar.addfile(secret, io.BytesIO(data))
     return out.getvalue()

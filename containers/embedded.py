@@ -25,6 +25,11 @@ from worker.settings import state_dir
 __all__ = ["ServerInfo", "alive", "down", "private", "recorded", "server_binary", "state_dir", "up"]
 
 
+SOCKET_PATH_MAX = 104
+"""sockaddr_un's sun_path holds 108 bytes on Linux, 104 on the BSDs: a longer data dir gets no unix socket (and
+docker sessions then need --network)."""
+
+
 def private(path: Path) -> Path:
     """Make `path` (and its parents) a directory only this user may enter (0700): the server's data (every
     session's commands and output, in its AOF), its users and password, and the sessions' logs live under it."""
@@ -103,9 +108,11 @@ def up(
     users = data / "users.acl"  # ACL SAVE keeps the session users here (containers/access.py)
     if not users.exists():
         _write_private(users, f"user default on >{password} ~* &* +@all\n")
+    sock = private(data / "sock") / "redis.sock"  # a directory of its own: docker sessions get it mounted
+    unix = f"unixsocket {sock}\nunixsocketperm 700\n" if len(str(sock)) < SOCKET_PATH_MAX else ""
     _write_private(
         conf,
-        f"port {port}\nbind 127.0.0.1\ndir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
+        f"port {port}\nbind 127.0.0.1\n{unix}dir {data}\nappendonly yes\nappendfsync {appendfsync}\n"
         f'maxmemory-policy noeviction\naclfile {users}\nlogfile {data / "server.log"}\nsave ""\n',
     )
     proc = subprocess.Popen(

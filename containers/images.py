@@ -37,7 +37,8 @@ COPY lib /opt/shellq/lib
 COPY install.py shellq-worker /opt/shellq/
 RUN python3 /opt/shellq/install.py /opt/shellq/wheels /opt/shellq/lib && rm -rf /opt/shellq/wheels \\
  && ln -sf /opt/shellq/shellq-worker /usr/local/bin/shellq-worker \\
- && (id -u shellq >/dev/null 2>&1 || useradd --create-home --shell /bin/bash shellq)
+ && (id -u shellq >/dev/null 2>&1 || useradd --create-home --shell /bin/bash shellq) \\
+ && mkdir -p -m 0700 /etc/shellq
 LABEL shellq.image="worker"
 ENTRYPOINT ["/opt/shellq/shellq-worker"]
 """

@@ -5,7 +5,8 @@
                                                server back on the same port with the same password and data
     shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
     shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
-                         [--mount HOST:CTR[:ro]] [--network N] [--producer-url]
+                         [--disk SIZE] [--user U] [--read-only] [--mount HOST:CTR[:ro]] [--network N]
+                         [--producer-url]
                                                a session and its worker; prints its name (and, with
                                                --producer-url, a Redis URL that reaches this session only)
     shellq session stop S [--keep]             stop its worker and delete the session (keys, local directory):
@@ -16,7 +17,7 @@
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
                                                and never will, 75 when it started but its result never came)
-    shellq gc                                  remove session containers whose worker is gone
+    shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq worker                              serve one session (same as python -m worker)
 
 Redis: SHELLQ_REDIS_URL, else the server of `shellq up`. Every failure is one `shellq: ...` line on stderr, exit
@@ -129,8 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--memory", default="2g", help="docker: memory limit")
     start.add_argument("--cpus", type=float, default=1.0, help="docker: CPU limit")
     start.add_argument("--pids", type=int, default=512, help="docker: process limit")
+    start.add_argument("--disk", help="docker: what the shell may write, e.g. 10g (default: no limit)")
+    start.add_argument("--user", default="shellq", help="docker: the shell's user in the image (root: weaker)")
+    start.add_argument("--read-only", action="store_true", help="docker: read-only root; tmpfs home and /tmp")
     start.add_argument("--mount", action="append", default=[], metavar="HOST:CTR[:ro]", help="docker: bind mount")
-    start.add_argument("--network", help="docker: network (default: host when Redis is on loopback)")
+    start.add_argument(
+        "--network", help="docker: also join this network (default: none; Redis is reached through its socket)"
+    )
     start.add_argument(
         "--producer-url",
         action="store_true",
@@ -148,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--base", default="python:3.12-slim", help="base image with python3 >= 3.10")
     build.add_argument("--tag", default="shellq-worker:latest")
     build.set_defaults(handler=cmd_image_build)
-    verbs.add_parser("gc", help="remove containers whose session or worker is gone").set_defaults(handler=cmd_gc)
+    gc = verbs.add_parser("gc", help="remove this server's containers whose session or worker is gone")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(handler=cmd_gc)
 
     ex = verbs.add_parser("exec", help="run a command in a session")
     ex.add_argument("name")
@@ -263,8 +271,8 @@ def _start_docker(name: str, url: str, args: argparse.Namespace) -> str:
     from containers.docker_backend import DockerBackend
 
     docker_backend = DockerBackend(url, image=args.image)
-    options = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "mounts": args.mount}
-    handle = docker_backend.start(name, network=args.network, **options)
+    options = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "disk": args.disk, "user": args.user}
+    handle = docker_backend.start(name, read_only=args.read_only, mounts=args.mount, network=args.network, **options)
     docker_backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
     return f"container {handle[:12]} ({args.image})"
 
@@ -326,8 +334,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from containers.docker_backend import DockerBackend
 
-    removed = DockerBackend(redis_url()).gc()
-    print(f"shellq: removed {len(removed)} containers" + (f" ({', '.join(removed)})" if removed else ""))
+    removed = DockerBackend(redis_url()).gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"shellq: {verb} {len(removed)} containers" + (f" ({', '.join(removed)})" if removed else ""))
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, RedisServer, server_binaries, wait_for
+from helpers import ROOT, RUN_ID, RedisServer, server_binaries, wait_for
 
 from worker import protocol
 from worker.loop import Worker
@@ -143,12 +143,13 @@ def need(condition: bool, why: str) -> None:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    """The Docker engine; at the end of the module, no container of a session may be left (the docker SDK is
-    imported here, not at the top: the shell tests also run inside the worker image, which lacks it)."""
+    """The Docker engine; at the end of the module, no container of this run's sessions may be left (the docker SDK
+    is imported here, not at the top: the shell tests also run inside the worker image, which lacks it). Other
+    runs' and servers' containers on the engine are not this run's to judge or remove."""
     import docker
     from docker.errors import DockerException
 
-    from containers.docker_backend import LABEL
+    from containers.docker_backend import INSTANCE_LABEL, LABEL
 
     client = None
     try:
@@ -163,7 +164,8 @@ def engine() -> Iterator[Any]:
         need(False, "no Docker engine")
     assert client is not None
     yield client
-    leftovers = client.containers.list(all=True, filters={"label": LABEL})
+    found = client.containers.list(all=True, filters={"label": LABEL})
+    leftovers = [c for c in found if c.labels.get(INSTANCE_LABEL, "").startswith(RUN_ID)]
     for c in leftovers:
         c.remove(force=True)
     assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"

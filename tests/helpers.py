@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import shutil
 import socket
@@ -15,14 +16,22 @@ if TYPE_CHECKING:  # redis-py is imported where it is used: the worker image, wh
     import redis
 
 
+RUN_ID = secrets.token_hex(4)
+"""This test run's mark: the shellq server id of every server it starts begins with it, so the containers of this
+run (label `shellq.instance`) are told from other runs' on a shared Docker engine."""
+_SERVERS = itertools.count(1)
+
+
 class RedisServer:
     """A real redis-server (or valkey-server) on a free loopback port, in a private directory. `secured` (the
     default), as shellq's own servers are: an aclfile, and the `default` user (the admin) needs `password`; the
     session users shellq makes are saved in the aclfile and survive a restart."""
 
-    def __init__(self, kind: str, binary: str, workdir: Path, secured: bool = True) -> None:
+    def __init__(self, kind: str, binary: str, workdir: Path, secured: bool = True, unix: bool = True) -> None:
         self.kind, self.binary, self.workdir = kind, binary, workdir
         self.port = free_port()
+        self.socket = workdir / "sock" / "redis.sock"  # in a directory of its own: docker sessions mount it
+        self.unix = unix
         self.password = secrets.token_hex(16) if secured else None
         auth = f":{self.password}@" if self.password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
@@ -33,6 +42,9 @@ class RedisServer:
 
     def start(self, *extra: str) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
+        if self.unix:
+            self.socket.parent.mkdir(mode=0o700, exist_ok=True)
+            args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         args += ["--save", "", "--appendonly", "no", *extra]
         if self.password:
             args += ["--aclfile", str(self.aclfile)]
@@ -49,6 +61,7 @@ class RedisServer:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError(f"{self.binary} did not start on port {self.port}") from None
                 time.sleep(0.02)
+        client.hsetnx("shellq:server", "id", f"{RUN_ID}{next(_SERVERS):04x}")  # containers.docker_backend.server_id
         client.close()
 
     def stop(self) -> None:

@@ -6,11 +6,11 @@ one JSON document: what it found (and where), what it searched, and every attemp
     <this file>
     EOF
 
-CONFIG is base64 of a JSON object: `targets` ([host, port] of the test's own servers: the only ones attacked; other
-addresses found are reported, never touched), `own` and `other` (session ids), `command_id` (this command's id),
-`caller` (the FCALL caller tag), `paths` (more places to search), `forged_command` and `forged_result` (field ->
-base64 value: a command entry for the other session, a result entry with exit_code 0 for this command),
-`changed_library` (shellq's library with changed code). Standard library only (a session's python3 has no
+CONFIG is base64 of a JSON object: `targets` ([host, port] or ["unix", path] of the test's own servers: the only
+ones attacked; other addresses found are reported, never touched), `own` and `other` (session ids), `command_id` (this
+command's id), `caller` (the FCALL caller tag), `paths` (more places to search), `forged_command` and
+`forged_result` (field -> base64 value: a command entry for the other session, a result entry with exit_code 0 for
+this command), `changed_library` (shellq's library with changed code). Standard library only (a session's python3 has no
 redis-py): raw RESP on a socket. The test also imports `attack` to try credentials it hands over itself.
 """
 
@@ -315,8 +315,17 @@ def pack(args: list[Any]) -> bytes:
 class Connection:
     """One connection to a Redis server; replies are summarised as text ("error: ...", "ok: ...")."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(target, timeout=5)
+    def __init__(self, target: tuple[str, Any]) -> None:
+        if target[0] == "unix":  # ("unix", path): Redis's unix socket
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(5)
+            try:
+                self.sock.connect(target[1])
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            self.sock = socket.create_connection(target, timeout=5)
         self.buf = b""
 
     def close(self) -> None:
@@ -360,7 +369,7 @@ class Connection:
 
 
 def run_all(
-    target: tuple[str, int], credential: tuple[str | None, str | None], commands: list[list[Any]]
+    target: tuple[str, Any], credential: tuple[str | None, str | None], commands: list[list[Any]]
 ) -> tuple[str | None, list[str]]:
     """AUTH with `credential` (unless it has no password), then each command in turn, on one connection; a closed
     connection (a protocol error, a refused command that closes it) is opened and authenticated again for the next
@@ -382,6 +391,8 @@ def run_all(
                 conn = None
         except ConnectionRefusedError:
             replies.append("connection refused")
+        except PermissionError:
+            replies.append("permission denied")
         except (OSError, ValueError) as e:
             replies.append(f"closed: {e}")
             if conn:
@@ -462,7 +473,7 @@ def credentials(found: Findings, config: dict[str, Any]) -> list[tuple[str | Non
 
 
 def attack(
-    targets: list[tuple[str, int]], creds: list[tuple[str | None, str | None]], config: dict[str, Any]
+    targets: list[tuple[str, Any]], creds: list[tuple[str | None, str | None]], config: dict[str, Any]
 ) -> dict[str, Any]:
     """Every attack with every credential on every target (SHUTDOWN after all the others). The replies are
     numbered once (`replies`); each row is [target, credential, AUTH reply or -1, [reply of each attack]]."""
@@ -489,8 +500,8 @@ def attack(
 def main() -> None:
     config = json.loads(base64.b64decode(sys.argv[1]))
     found = gather(config)
-    targets = [(str(h), int(p)) for h, p in config["targets"]]
-    own = {f"{_loopback(h)}:{p}" for h, p in targets}
+    targets: list[tuple[str, Any]] = [(str(h), p if h == "unix" else int(p)) for h, p in config["targets"]]
+    own = {f"{_loopback(h)}:{p}" for h, p in targets if h != "unix"}
     report = {
         "uid": os.getuid(),
         "euid": os.geteuid(),

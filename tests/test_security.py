@@ -52,7 +52,7 @@ pytestmark = [
 
 SESSION_ENV = {"SHELLQ_HEARTBEAT": "0.2", "SHELLQ_LEASE_TTL": "5", "SHELLQ_KILL_GRACE": "0.3"}
 """A lease far longer than the heartbeat: B's state may change only by its heartbeat's timestamp while A attacks."""
-REFUSALS = ("error: NOAUTH", "error: WRONGPASS", "error: NOPERM", "connection refused")
+REFUSALS = ("error: NOAUTH", "error: WRONGPASS", "error: NOPERM", "connection refused", "permission denied")
 WRONGPASS = "error: WRONGPASS invalid username-password pair or user is disabled."
 UNAUTHENTICATED = "error: ERR Protocol error: unauthenticated"
 """Redis's limit on a connection that has not authenticated (more than 10 arguments, or one over 16 KiB): refused
@@ -139,7 +139,9 @@ def local_sessions() -> Iterator[Callable[[RedisServer], LocalSessions]]:
 # -- the probe -----------------------------------------------------------------------------------------------------
 
 
-def probe_config(port: int, own: str, other: str, command_id: str, paths: list[str]) -> dict[str, Any]:
+def probe_config(
+    port: int, own: str, other: str, command_id: str, paths: list[str], unix: str | None = None
+) -> dict[str, Any]:
     forged_command = CommandRequest(id="forged-by-probe", cmd=b"echo forged-by-probe")
     forged_result = CommandResult(id=command_id, entry_id="1-1", status="completed", exit_code=0, stdout=b"forged\n")
 
@@ -147,7 +149,7 @@ def probe_config(port: int, own: str, other: str, command_id: str, paths: list[s
         return {name: base64.b64encode(value).decode() for name, value in fields.items()}
 
     return {
-        "targets": [["127.0.0.1", port]],
+        "targets": [["127.0.0.1", port]] + ([["unix", unix]] if unix else []),
         "own": own,
         "other": other,
         "command_id": command_id,
@@ -246,13 +248,15 @@ class Attack:
     paths: list[str]
     passwords: dict[str, str]
     """Every real password (what it is -> the password): none of them may be found."""
+    unix: str | None = None
+    """The unix socket through which the session's worker reaches Redis (a docker session: its network is none)."""
 
     def run(self) -> dict[str, Any]:
         (a, sa), (b, sb) = self.a, self.b
         assert sb.run("echo b-has-a-history").exit_code == 0
         before = ServerState.read(self.admin, b)
         cid = f"probe-{secrets.token_hex(4)}"
-        result = sa.run(probe_command(probe_config(self.port, a, b, cid, self.paths)), timeout=60, id=cid)
+        result = sa.run(probe_command(probe_config(self.port, a, b, cid, self.paths, self.unix)), timeout=60, id=cid)
         assert (result.status, result.exit_code) == ("completed", PROBE_EXIT), result.stderr[-3000:]
         report: dict[str, Any] = json.loads(result.stdout)
 
@@ -275,16 +279,23 @@ class Attack:
 
     def check_it_tried(self, report: dict[str, Any]) -> None:
         """The probe looked and attacked: a probe that finds and tries nothing would pass every check above."""
-        searched, target = report["searched"], f"127.0.0.1:{self.port}"
+        searched, tcp = report["searched"], f"127.0.0.1:{self.port}"
         assert searched["proc_cmdline"]["readable"] >= 3, searched["proc_cmdline"]
         assert searched["proc_environ"]["tried"] >= 3 and searched["proc_environ"]["readable"] >= 1
         assert searched["proc_mem"]["tried"] >= 3
         assert searched["dirs"]["listed"] + searched["files"]["read"] >= 1
-        assert target in report["found"]["addresses"], sorted(report["found"]["addresses"])[:40]
         names = report["attempts"]["attacks"]
         assert len(names) >= 30 and "shutdown" in names and "function-load-replace" in names
+        if self.unix:  # no network in the container: the server's port is not there; its socket, maybe
+            on_tcp = {reply for t, _, _, reply in attempts(report) if t == tcp}
+            assert on_tcp == {"connection refused"}, on_tcp
+        else:
+            assert tcp in report["found"]["addresses"], sorted(report["found"]["addresses"])[:40]
+        target = f"unix:{self.unix}" if self.unix else tcp
         bare = [(attack, reply) for t, cred, attack, reply in attempts(report) if t == target and cred == (None, None)]
         assert [attack for attack, _ in bare] == names
+        if {reply for _, reply in bare} == {"permission denied"}:
+            return  # the shell user may not even open the socket (its directory is the Redis server user's, 0700)
         answers = {"auth-backdoor": ("error: WRONGPASS",), "debug": ("error: NOAUTH", PROTECTED)}
         normal = ("error: NOAUTH", UNAUTHENTICATED)
         odd = [(attack, reply) for attack, reply in bare if not reply.startswith(answers.get(attack, normal))]
@@ -525,7 +536,7 @@ def test_replaced_library_is_refused_by_a_producer_with_a_clear_error(own_server
 @pytest.mark.docker
 @pytest.mark.timeout(300)  # the image is built first (the module's fixture)
 def test_probe_in_a_docker_session_reaches_nothing_beyond_it(image: str, tmp_path: Path) -> None:
-    from containers.docker_backend import PASSWORD_FILE, DockerBackend
+    from containers.docker_backend import PASSWORD_FILE, SOCKET_DIR, DockerBackend
 
     server = start_server("redis", tmp_path / "redis", "--appendonly", "yes")
     a, b = f"sec-a-{secrets.token_hex(4)}", f"sec-b-{secrets.token_hex(4)}"
@@ -542,7 +553,8 @@ def test_probe_in_a_docker_session_reaches_nothing_beyond_it(image: str, tmp_pat
             paths = [PASSWORD_FILE, "/etc/shellq", "/var/lib/shellq", "/opt/shellq", "/home/shellq", "/root"]
             sa, sb = client_for(server.url).session(a), client_for(server.url).session(b)
 
-            report = Attack(admin, server.port, (a, sa), (b, sb), paths, real).run()
+            unix = f"{SOCKET_DIR}/{server.socket.name}"
+            report = Attack(admin, server.port, (a, sa), (b, sb), paths, real, unix).run()
 
             assert report["euid"] == report["uid"] != 0  # the shell user `shellq`, not root
             denied = report["searched"]["files"]["denied_paths"] + report["searched"]["dirs"]["denied_paths"]

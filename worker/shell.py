@@ -451,7 +451,10 @@ class Shell:
         if lingering:
             self._bash.replace_fifos()
             for fd in lingering:
-                threading.Thread(target=_drain, args=(fd,), daemon=True, name="shellq-drain").start()
+                try:
+                    threading.Thread(target=_drain, args=(fd,), daemon=True, name="shellq-drain").start()
+                except RuntimeError:  # no thread to be had (the pids limit): its writers get EPIPE instead
+                    os.close(fd)
 
     # -- the bash process ----------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from worker import procs, shell_driver
 from worker.errors import ConfigError
@@ -105,6 +105,24 @@ class ShellUser:
         return stat.S_ISDIR(info.st_mode) and (info.st_mode >> shift) & bits == bits
 
 
+FORK_PATIENCE = 30.0
+"""Seconds the worker keeps trying to start bash while the container has no process to spare (EAGAIN: the pids
+limit reached by a command's background jobs or fork bomb): those end, and the session must come back then."""
+
+
+def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen, retried with backoff for up to FORK_PATIENCE seconds while fork fails with EAGAIN."""
+    deadline, delay = time.monotonic() + FORK_PATIENCE, 0.05
+    while True:
+        try:
+            return subprocess.Popen(args, **kwargs)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+
 class ShellProcess:
     """One bash in a session of its own, fed lines on a pipe; reports come back on a FIFO in its run directory.
 
@@ -128,7 +146,7 @@ class ShellProcess:
         self.out_path, self.err_path = self._make_fifos()
         self.knows_reads = _reads_update_atime(self.cmd_fd, self.cmd_file)
         """Reading the command file marks its access time here (not so on a `noatime` mount): `ran()` can tell."""
-        self.proc = subprocess.Popen(
+        self.proc = _popen(
             ["bash", "--norc", "--noprofile"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -146,15 +164,21 @@ class ShellProcess:
         self._stdin_ino = os.fstat(self._stdin).st_ino
         self.pidfd = _pidfd(self.pid)
         guard_r, self._guard_w = os.pipe()
-        self._guard = subprocess.Popen(
-            ["bash", "--norc", "--noprofile", "-c", _GUARD],
-            stdin=guard_r,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={"SID": str(self.pid), "RUNDIR": str(self.rundir), "PATH": env.get("PATH", os.defpath)},
-        )
-        os.close(guard_r)
+        try:
+            self._guard = _popen(
+                ["bash", "--norc", "--noprofile", "-c", _GUARD],
+                stdin=guard_r,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={"SID": str(self.pid), "RUNDIR": str(self.rundir), "PATH": env.get("PATH", os.defpath)},
+            )
+        except OSError:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            os.close(guard_r)
         self.guard_pid = self._guard.pid
         ShellProcess.live_pids.update((self.pid, self.guard_pid))
 
