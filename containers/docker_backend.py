@@ -361,8 +361,13 @@ class DockerBackend:
         return bool(int(now[0]) * 1000 - int(beat) < 30_000)
 
     def _remove(self, container_id: str) -> None:
-        with contextlib.suppress(NotFound):
+        try:
             self.docker.containers.get(container_id).remove(force=True, v=True)  # v: its password volume too
+        except NotFound:
+            pass
+        except APIError as e:
+            if e.status_code != 409:  # 409: "removal already in progress" (a concurrent stop or gc): done anyway
+                raise
 
     def _watch(self) -> None:
         """Watch Docker's events for the death of containers this backend started (one thread per backend)."""
