@@ -92,6 +92,7 @@ class DockerBackend:
         self._instance: str | None = None
         self._socket: Path | None = None
         self._layer_quota = True  # until the engine says its storage driver cannot bound a container's layer
+        self._homes: dict[tuple[str, str], tuple[str, int, int]] = {}  # (image, user) -> home, uid, gid
         self._started: dict[str, str] = {}  # session -> container id, for cleanup
         self._stopping: set[str] = set()
         self._watcher: threading.Thread | None = None
@@ -337,8 +338,12 @@ class DockerBackend:
         return tmpfs
 
     def _user_home(self, user: str) -> tuple[str, int, int]:
-        """(home, uid, gid) of `user` in the image, read from its /etc/passwd (a container created, never started)."""
-        probe = self.docker.containers.create(self.image, labels={INSTANCE_LABEL: self.instance}, network_mode="none")
+        """(home, uid, gid) of `user` in the image, read from its /etc/passwd (a container created, never started;
+        labelled with no session, so `gc` removes one left behind)."""
+        if (self.image, user) in self._homes:
+            return self._homes[self.image, user]
+        labels = {LABEL: "", INSTANCE_LABEL: self.instance}
+        probe = self.docker.containers.create(self.image, labels=labels, network_mode="none")
         try:
             stream, _ = probe.get_archive("/etc/passwd")
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
@@ -349,7 +354,8 @@ class DockerBackend:
         for line in text.splitlines():
             fields = line.split(":")
             if len(fields) >= 6 and fields[0] == user and fields[2].isdigit() and fields[3].isdigit():
-                return fields[5] or "/", int(fields[2]), int(fields[3])
+                self._homes[self.image, user] = fields[5] or "/", int(fields[2]), int(fields[3])
+                return self._homes[self.image, user]
         raise ConfigError(f"no user {user!r} in image {self.image} (its /etc/passwd)")
 
     def _alive(self, session: str, instance: str) -> bool:

@@ -27,10 +27,10 @@ SHELLQ = Path(sys.executable).parent / "shellq"
 FAST = {"SHELLQ_HEARTBEAT": "0.2", "SHELLQ_LEASE_TTL": "1.5", "SHELLQ_KILL_GRACE": "0.3"}
 
 
-def _server(path: Path, unix: bool = True) -> RedisServer:
+def _server(path: Path, *args: str, unix: bool = True) -> RedisServer:
     path.mkdir(exist_ok=True)
     server = RedisServer("redis", server_binaries()["redis"], path, unix=unix)
-    server.start()
+    server.start(*args)
     return server
 
 
@@ -152,6 +152,24 @@ def test_redis_without_a_socket_needs_a_network_named(image: str, tmp_path: Path
                 backend.start(session_id, env=FAST)
             assert not backend._containers(session_id)
             assert not server.client().acl_users() or all("shellq." not in u for u in server.client().acl_users())
+    finally:
+        server.stop()
+
+
+def test_redis_restart_reaches_running_containers(image: str, tmp_path: Path, session_id: str) -> None:
+    """The socket's directory is mounted, not the socket: Redis restarting (a new socket file, same place) is seen
+    by the container's worker, which reconnects; the queued command runs, nothing is lost."""
+    server = _server(tmp_path / "restart", "--appendonly", "yes", "--appendfsync", "always")
+    try:
+        with DockerBackend(server.url, image=image) as backend:
+            backend.start(session_id, env=FAST)
+            s = session(server.url, session_id)
+            assert s.run("export BEFORE=1").exit_code == 0
+            server.stop()
+            server.start("--appendonly", "yes", "--appendfsync", "always")
+            cid = s.submit("echo $BEFORE after")
+            assert s.result(cid, timeout=60).stdout == "1 after\n"
+            backend.stop(session_id)
     finally:
         server.stop()
 
