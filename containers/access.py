@@ -28,14 +28,14 @@ log = logging.getLogger("shellq.access")
 WORKER_COMMANDS = (
     *("fcall", "fcall_ro", "function|list", "xread", "xreadgroup", "xautoclaim", "xack", "xgroup|create"),
     *("xinfo|groups", "xrange", "xtrim", "xpending", "xadd", "xdel", "hset", "hget", "hmget", "hincrby", "hsetnx"),
-    *("hexists", "get", "set", "expire", "pttl", "time", "ping", "select", "client|setname"),
+    *("hexists", "get", "set", "expire", "pttl", "time", "ping", "client|setname"),
 )
 """What a session's worker sends (worker/store.py, worker/loop.py, worker/control.py and, inside FCALL, the
 commands of worker/functions.lua): no @admin, no @dangerous (INFO, CLIENT LIST, KEYS...), no FUNCTION change."""
 
 PRODUCER_COMMANDS = (
     *("fcall", "fcall_ro", "function|list", "xread", "xrange", "xrevrange", "xlen", "xinfo|groups", "xadd"),
-    *("hget", "hmget", "hgetall", "hset", "get", "set", "incr", "expire", "time", "ping", "select"),
+    *("hget", "hmget", "hgetall", "hset", "get", "set", "incr", "expire", "time", "ping"),
     "client|setname",
 )
 """What `Client` sends for one session (producer/client.py and, inside FCALL, shellq_submit and shellq_cancel)."""
@@ -80,18 +80,26 @@ def producer_rules(session: str) -> list[str]:
     return ["resetkeys", *keys, "resetchannels", "-@all", *(f"+{c}" for c in PRODUCER_COMMANDS)]
 
 
-def grant(r: redis.Redis, session: str) -> Credentials:
+def grant(r: redis.Redis, session: str, worker_password: str | None = None) -> Credentials:
     """Create the session's worker and producer users with new passwords; for a session started again on the same
-    name, the old passwords stop working and the connections made with them are closed (CLIENT KILL USER). Loads
-    shellq's Functions first (only the admin may). Raises ConfigError when `r` may not administer ACLs."""
+    name, the old passwords stop working and the connections made with them are closed (CLIENT KILL USER).
+    `worker_password`: keep this one for the worker (a worker that runs on, adopted by a retried start; its
+    connections stay open). Loads shellq's Functions first (only the admin may). Raises ConfigError when `r` may
+    not administer ACLs."""
+    if r.connection_pool.connection_kwargs.get("db", 0):
+        raise ConfigError(
+            "shellq keeps its sessions in database 0: its session users are the server's, not a database's (a user"
+            " that may SELECT reaches every database), so another database would be no boundary"
+        )
     protocol.load_functions(r.execute_command, redis.ResponseError)
-    creds = Credentials(session, secrets.token_hex(32), secrets.token_hex(32))
+    creds = Credentials(session, worker_password or secrets.token_hex(32), secrets.token_hex(32))
     users = [(creds.worker_user, creds.worker_password, worker_rules(session))]
     users.append((creds.producer_user, creds.producer_password, producer_rules(session)))
     try:
         for user, password, rules in users:
             _call(r, "ACL", "SETUSER", user, "reset", "on", f">{password}", *rules)
-            _call(r, "CLIENT", "KILL", "USER", user)
+            if not (worker_password and user == creds.worker_user):
+                _call(r, "CLIENT", "KILL", "USER", user)
     except redis.ResponseError as e:
         why = f"cannot create the users of session {session} (this Redis user needs ACL SETUSER)"
         raise ConfigError(f"{why}: {e}") from None

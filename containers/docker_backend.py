@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -46,8 +47,10 @@ WORKER_LABEL = "shellq.worker"
 """The id its worker announces in the session's meta (`instance`): which container holds the session."""
 SERVER_KEY = "shellq:server"
 """A hash on each Redis server shellq uses: `id`, made once, names that server's containers on shared engines."""
-SOCKET_DIR = "/run/shellq-redis"
-"""Where the directory of Redis's unix socket is mounted (read-only) in a container."""
+SOCKET_DIR = "/etc/shellq/redis"
+"""Where the directory of Redis's unix socket is mounted (read-only) in a container: inside /etc/shellq (root's,
+0700), so no shell user can reach it whatever the socket's owner and mode (a shell whose uid owns the socket would
+otherwise open it, and could fill Redis's `maxclients`)."""
 DEFAULT_IMAGE = "shellq-worker:latest"
 SHELL_USER = "shellq"
 """The user the shell runs as in a container (the image makes it); the worker stays root."""
@@ -66,6 +69,11 @@ as the shell user with none, and `no-new-privileges` keeps setuid binaries and f
 PASSWORD_FILE = "/etc/shellq/redis-password"
 """Where the worker's Redis password is put in its container (a volume of its own, so a read-only root works too),
 before the container starts: root's, 0600."""
+
+
+ORPHAN_AFTER = 30
+"""Seconds without a heartbeat (or, for a container still starting, since it was created) after which `gc` takes
+a container for an orphan."""
 
 
 def server_id(r: redis.Redis) -> str:
@@ -93,6 +101,7 @@ class DockerBackend:
         self._socket: Path | None = None
         self._layer_quota = True  # until the engine says its storage driver cannot bound a container's layer
         self._homes: dict[tuple[str, str], tuple[str, int, int]] = {}  # (image, user) -> home, uid, gid
+        self._swap_checked = False
         self._started: dict[str, str] = {}  # session -> container id, for cleanup
         self._stopping: set[str] = set()
         self._watcher: threading.Thread | None = None
@@ -136,9 +145,13 @@ class DockerBackend:
         mounts: HOST:CTR[:ro] binds; network: a Docker network to join besides the way to Redis (None: none; "host"
         only when asked). Raises SessionStartError (with the container's last log lines) or ConfigError.
         """
-        keys = protocol.keys(session)
         self._check_image()
+        self._stopping.discard(session)
+        self._check_swap_limit()
         network_mode, binds, worker_url = self._route(network)
+        existing = self._adoptable(session)
+        if existing is not None and (adopted := self._adopt(session, existing, start_timeout)) is not None:
+            return adopted
         worker = uuid.uuid4().hex[:16]
         creds = access.grant(self.redis, session)
         environment = {"SHELLQ_SESSION": session, **(env or {})}
@@ -150,6 +163,9 @@ class DockerBackend:
             SHELLQ_INSTANCE=worker,
         )
         environment.setdefault("SHELLQ_WORK_DIR", "/var/lib/shellq/session")
+        if disk or read_only:  # the worker's spool of long output counts in the disk limit, or in memory
+            spool = _bytes(disk) // 2 if disk else _bytes(memory) // 4
+            environment["SHELLQ_SPOOL_QUOTA"] = str(min(spool, 1 << 30))
         options: dict[str, Any] = {
             "name": f"shellq-{self.instance}-{session}-{uuid.uuid4().hex[:6]}",
             "labels": {LABEL: session, INSTANCE_LABEL: self.instance, WORKER_LABEL: worker},
@@ -158,8 +174,8 @@ class DockerBackend:
             "memswap_limit": memory,  # the same figure: no swap beyond the memory limit
             "nano_cpus": int(cpus * 1e9),
             "pids_limit": pids,
-            "volumes": binds + [_mount(m) for m in mounts],
-            "mounts": [Mount(target=os.path.dirname(PASSWORD_FILE), source=None, type="volume")],
+            "volumes": [_mount(m) for m in mounts],
+            "mounts": [Mount(target=os.path.dirname(PASSWORD_FILE), source=None, type="volume"), *binds],
             "read_only": read_only,
             "network_mode": network_mode,
             "environment": environment,
@@ -168,13 +184,23 @@ class DockerBackend:
             "cap_add": list(WORKER_CAPABILITIES),
             "security_opt": ["no-new-privileges:true"],
         }
+        container = None
         try:
-            container = self._create(options, user, disk)
+            container = self._create(options, user, disk, memory)
             container.put_archive(os.path.dirname(PASSWORD_FILE), _password_archive(creds.worker_password))
+            container.start()
         except BaseException:
+            if container is not None:
+                self._remove(container.id)
             access.revoke(self.redis, session)
             raise
-        container.start()
+        return self._wait_for_worker(session, container, worker, start_timeout)
+
+    def _wait_for_worker(self, session: str, container: Any, worker: str, start_timeout: float) -> str:
+        """Until the container's worker (instance id `worker`) announces itself in the session's meta; returns the
+        container id. A container that exits first, or a timeout, is removed with the session's users, and raises
+        SessionStartError with its last log lines."""
+        keys = protocol.keys(session)
         self._started[session] = container.id
         self._watch()
         deadline = time.monotonic() + start_timeout
@@ -195,6 +221,37 @@ class DockerBackend:
                 )
         self.redis.hset(keys.meta, mapping={"backend": self.name, "container": container.id})
         return str(container.id)
+
+    def _adoptable(self, session: str) -> Any | None:
+        """This server's container of the session that is there to keep (created, running or restarting: a start
+        that was retried after its first try made it, or a session started twice); the others are removed."""
+        keep = None
+        for container in self._containers(session):
+            if keep is None and container.status in ("created", "running", "restarting"):
+                keep = container
+            else:
+                self._remove(container.id)
+        return keep
+
+    def _adopt(self, session: str, container: Any, start_timeout: float) -> str | None:
+        """Keep the session's container and its worker (its password, read from the container, stays: the worker's
+        connections too); returns its id, or None after removing a container whose password never arrived (its
+        start was cut short: a new one is made)."""
+        try:
+            stream, _ = container.get_archive(PASSWORD_FILE)
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.extractfile(os.path.basename(PASSWORD_FILE))
+                password = member.read().decode().strip() if member else ""
+        except (NotFound, APIError, tarfile.TarError):
+            password = ""
+        if not password:
+            self._remove(container.id)
+            return None
+        access.grant(self.redis, session, worker_password=password)
+        if container.status == "created":
+            container.start()
+        log.info("session %s: adopted its container %s", session, container.id[:12])
+        return self._wait_for_worker(session, container, container.labels.get(WORKER_LABEL, ""), start_timeout)
 
     def stop(self, session: str, timeout: float = 10.0) -> bool:
         """Stop and remove the session's containers of this server (idempotent); returns whether one was there."""
@@ -221,6 +278,8 @@ class DockerBackend:
             session = container.labels.get(LABEL, "")
             if protocol.ID_PATTERN.match(session) and self._alive(session, container.labels.get(WORKER_LABEL, "")):
                 continue
+            if container.status in ("created", "running") and _age(container) < ORPHAN_AFTER:
+                continue  # starting: its worker has not beaten yet
             removed.append(session)
             if dry_run:
                 continue
@@ -247,13 +306,22 @@ class DockerBackend:
                 " (add --base IMAGE for another base than python:3.12-slim)"
             ) from None
 
+    def _check_swap_limit(self) -> None:
+        """Docker drops `memory-swap` silently on a host without swap accounting (cgroup v1 without swapaccount=1):
+        say so once, since memory then does not include swap."""
+        if self._swap_checked:
+            return
+        self._swap_checked = True
+        if self.docker.info().get("SwapLimit") is False:
+            log.warning("this Docker host has no swap limit support: a session's memory limit does not include swap")
+
     def _containers(self, session: str | None = None) -> list[Any]:
         """This server's session containers (of one session, when given), running or not."""
         labels = [f"{INSTANCE_LABEL}={self.instance}", f"{LABEL}={session}" if session else LABEL]
         found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels})
         return found
 
-    def _create(self, options: dict[str, Any], user: str, disk: str | None) -> Any:
+    def _create(self, options: dict[str, Any], user: str, disk: str | None, memory: str) -> Any:
         """containers.create, with the disk limit as a quota on the container's layer where the storage driver has
         one (learnt from the engine's answer), else as bounded tmpfs mounts (`_tmpfs`)."""
         if disk and self._layer_quota and not options["read_only"]:
@@ -263,11 +331,11 @@ class DockerBackend:
                 if "storage-opt" not in str(e):
                     raise
                 self._layer_quota = False  # e.g. overlay2 on ext4: "supported only for overlay over xfs with pquota"
-        tmpfs = self._tmpfs(user, disk, options["read_only"])
+        tmpfs = self._tmpfs(user, disk, options["read_only"], memory)
         return self.docker.containers.create(self.image, tmpfs=tmpfs, **options)
 
-    def _route(self, network: str | None) -> tuple[str, list[str], Any]:
-        """How a container reaches Redis: (network mode, binds, worker user -> worker URL). Through Redis's unix
+    def _route(self, network: str | None) -> tuple[str, list[Mount], Any]:
+        """How a container reaches Redis: (network mode, mounts, worker user -> worker URL). Through Redis's unix
         socket (its directory mounted read-only) when this backend's Redis has one on this machine, so the container
         needs no network at all; else over the `network` the caller names (which must reach Redis)."""
         socket_path = self._redis_socket()
@@ -278,7 +346,11 @@ class DockerBackend:
             def via_socket(user: str) -> str:
                 return f"unix://{quote(user, safe='')}@{inside}?db={db}"
 
-            return network or "none", [f"{socket_path.parent}:{SOCKET_DIR}:ro"], via_socket
+            return (
+                network or "none",
+                [Mount(SOCKET_DIR, str(socket_path.parent), type="bind", read_only=True)],
+                via_socket,
+            )
         if network is None:
             host = urlsplit(self.redis_url).hostname or "localhost"
             raise ConfigError(
@@ -315,7 +387,13 @@ class DockerBackend:
         if theirs.get("run_id") != ours.get("run_id"):
             return None
         socket_path = Path(path)
-        others = [p.name for p in socket_path.parent.iterdir() if not (p.is_socket() or p.suffix == ".pid")]
+        if not socket_path.is_absolute():
+            raise ConfigError(f"Redis's unix socket {path!r} is a relative path: give `unixsocket` an absolute one")
+        others = [
+            p.name
+            for p in socket_path.parent.iterdir()
+            if p != socket_path and not (p.suffix == ".pid" and p.is_file() and not p.is_symlink())
+        ]
         if others:
             raise ConfigError(
                 f"Redis's unix socket is in {socket_path.parent}, which also holds {', '.join(sorted(others)[:3])}:"
@@ -324,17 +402,20 @@ class DockerBackend:
         self._socket = socket_path
         return socket_path
 
-    def _tmpfs(self, user: str, disk: str | None, read_only: bool) -> dict[str, str]:
+    def _tmpfs(self, user: str, disk: str | None, read_only: bool, memory: str) -> dict[str, str]:
         """tmpfs mounts on every place the shell user may write in a Debian-like image (its home, /tmp, /var/tmp,
-        /run/lock), each up to `disk`, for a read-only root or a disk limit without a layer quota; else none."""
+        /run/lock), each up to `disk`, for a read-only root or a disk limit without a layer quota; else none. A home
+        outside /home (a system user's: /usr/sbin, /dev) is left alone."""
         if not (disk or read_only):
             return {}
         size = f"size={disk}," if disk else ""
         tmpfs = {path: f"{size}exec,mode=1777" for path in ("/tmp", "/var/tmp", "/run/lock")}
         home, uid, gid = self._user_home(user)
-        tmpfs[home] = f"{size}exec,uid={uid},gid={gid},mode=0750"
-        if read_only:
-            tmpfs["/var/lib/shellq"] = f"{size}mode=0755"  # the worker's directory (SHELLQ_WORK_DIR), spool included
+        if home.startswith("/home/") or home == "/root":
+            tmpfs[home] = f"{size}exec,uid={uid},gid={gid},mode=0750"
+        if read_only:  # the worker's directory (SHELLQ_WORK_DIR), its spool included: bounded below memory
+            spool = _bytes(disk) if disk else _bytes(memory) // 4
+            tmpfs["/var/lib/shellq"] = f"size={spool + (16 << 20)},mode=0755"
         return tmpfs
 
     def _user_home(self, user: str) -> tuple[str, int, int]:
@@ -353,9 +434,11 @@ class DockerBackend:
             probe.remove(force=True)
         for line in text.splitlines():
             fields = line.split(":")
-            if len(fields) >= 6 and fields[0] == user and fields[2].isdigit() and fields[3].isdigit():
+            if len(fields) >= 6 and user in (fields[0], fields[2]) and fields[2].isdigit() and fields[3].isdigit():
                 self._homes[self.image, user] = fields[5] or "/", int(fields[2]), int(fields[3])
                 return self._homes[self.image, user]
+        if user.isdigit():  # a uid with no passwd entry (the worker accepts it): no home to bound
+            return "/", int(user), int(user)
         raise ConfigError(f"no user {user!r} in image {self.image} (its /etc/passwd)")
 
     def _alive(self, session: str, instance: str) -> bool:
@@ -364,7 +447,7 @@ class DockerBackend:
         if not found or not beat or found.decode() != instance:
             return False
         now: Any = self.redis.time()
-        return bool(int(now[0]) * 1000 - int(beat) < 30_000)
+        return bool(int(now[0]) * 1000 - int(beat) < ORPHAN_AFTER * 1000)
 
     def _remove(self, container_id: str) -> None:
         try:
@@ -378,39 +461,67 @@ class DockerBackend:
     def _watch(self) -> None:
         """Watch Docker's events for the death of containers this backend started (one thread per backend)."""
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch_events, name="shellq-docker-events", daemon=True)
+            self._watcher = threading.Thread(target=self.supervise, name="shellq-docker-events", daemon=True)
             self._watcher.start()
 
-    def _watch_events(self) -> None:
-        with contextlib.suppress(DockerException):
-            mine = {"label": [LABEL, f"{INSTANCE_LABEL}={self.instance}"], "event": "die"}
-            for event in self.docker.events(decode=True, filters=mine):
-                attrs: dict[str, Any] = event.get("Actor", {}).get("Attributes", {})
-                session, cid = attrs.get(LABEL, ""), event.get("id", "")
-                if session in self._stopping or self._started.get(session) != cid:
-                    continue
-                code = attrs.get("exitCode", "?")
-                if self._restarting(cid):
-                    continue  # the worker died, not the container: the restarted worker settles what it left
-                with contextlib.suppress(redis.RedisError):
-                    reason = f"its container exited (code {code})"
-                    n = answer_unavailable(self.redis, session, attrs.get(WORKER_LABEL, ""), reason)
-                    log.warning(
-                        "session %s: container %s died (code %s); %d commands answered unavailable",
-                        session,
-                        cid[:12],
-                        code,
-                        n,
-                    )
+    def supervise(self, every_session: bool = False, stop: threading.Event | None = None) -> None:
+        """Answer `unavailable`, with the reason, the queued and running commands of a session whose container died
+        for good (not restarted by its restart policy): the containers this backend started, or with `every_session`
+        all of this server's (the manager: whoever started them). Blocks on Docker's event stream until `stop` is
+        set (checked at each event and every 5 s) or, without `stop`, until the engine goes away."""
+        since: str | None = None
+        while stop is None or not stop.is_set():
+            until = time.time() + 5 if stop is not None else None
+            try:
+                mine = {"label": [LABEL, f"{INSTANCE_LABEL}={self.instance}"], "event": "die"}
+                for event in self.docker.events(decode=True, filters=mine, since=since, until=until):
+                    if nano := event.get("timeNano"):
+                        seconds, ns = divmod(int(nano) + 1, 10**9)
+                        since = f"{seconds}.{ns:09d}"  # the next event, not this one again
+                    self._died(event, every_session)
+            except DockerException as e:
+                if stop is None:
+                    return
+                log.warning("Docker events: %s; watching again", e)
+                stop.wait(1)
+            if stop is None:
+                return
 
-    def _restarting(self, container_id: str) -> bool:
-        """After a `die`: does Docker bring the container back (restart policy), or is it gone for good?"""
+    def _died(self, event: dict[str, Any], every_session: bool) -> None:
+        attrs: dict[str, Any] = event.get("Actor", {}).get("Attributes", {})
+        session, cid = attrs.get(LABEL, ""), event.get("id", "")
+        if not protocol.ID_PATTERN.match(session) or session in self._stopping:
+            return
+        if not every_session and self._started.get(session) != cid:
+            return
+        if attrs.get("exitCode") == "0":
+            return  # its worker exited as asked (a stop): it settled its commands and released the session
+        reason = self._death(cid, attrs.get("exitCode", "?"))
+        if reason is None:
+            return  # the worker died, not the container: the restarted worker settles what it left
+        with contextlib.suppress(redis.RedisError):
+            n = answer_unavailable(self.redis, session, attrs.get(WORKER_LABEL, ""), reason)
+            log.warning("session %s: container %s: %s; %d commands answered unavailable", session, cid[:12], reason, n)
+
+    def _death(self, container_id: str, code: str) -> str | None:
+        """After a `die`: None when Docker brings the container back (restart policy), else why it is gone for
+        good: the OOM killer, a signal, its restarts used up, removed."""
         time.sleep(0.5)
         try:
-            state = self.docker.api.inspect_container(container_id)["State"]
+            info = self.docker.api.inspect_container(container_id)
         except NotFound:
-            return False
-        return bool(state.get("Restarting") or state.get("Running"))
+            return f"its container was removed (exit code {code})"
+        state = info["State"]
+        if state.get("Restarting") or state.get("Running"):
+            return None
+        if state.get("OOMKilled"):
+            return f"its container was killed by the OOM killer (memory limit; exit code {code})"
+        restarts, policy = info.get("RestartCount", 0), info["HostConfig"].get("RestartPolicy") or {}
+        if restarts and restarts >= policy.get("MaximumRetryCount", 0) > 0:
+            return f"its container exited (code {code}) after {restarts} restarts, the most its policy allows"
+        if code in ("137", "143"):
+            return f"its container was killed (exit code {code}: {'SIGKILL' if code == '137' else 'SIGTERM'})"
+        return f"its container exited (code {code})"
 
 
 def _mount(spec: str) -> str:
@@ -459,6 +570,29 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
                 args += [name, value]
             r.fcall("shellq_commit", 5, keys.res, keys.jrnl(cid), keys.cmd, keys.lease, keys.meta, *args)
             answered += 1
-    r.hset(keys.meta, mapping={"state": "gone", "error": reason, "current": ""})
+    if r.exists(keys.meta):  # a session deleted meanwhile (`session stop`) is not brought back
+        r.hset(keys.meta, mapping={"state": "gone", "error": reason, "current": ""})
     r.delete(keys.lease)
     return answered
+
+
+def _bytes(size: str) -> int:
+    """Docker's size strings ("512m", "2g", "1024", "64k"; binary units) -> bytes. Raises ConfigError."""
+    text = size.strip().lower().removesuffix("b")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise ConfigError(f"not a size: {size!r} (say 512m, 2g)") from None
+
+
+def _age(container: Any) -> float:
+    """Seconds since the container was created (Docker's `Created`, RFC 3339 in UTC)."""
+    created = str(container.attrs.get("Created", ""))[:19]
+    try:
+        made = datetime.fromisoformat(created).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return float("inf")
+    return (datetime.now(timezone.utc) - made).total_seconds()

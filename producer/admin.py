@@ -96,3 +96,29 @@ def delete_session(client: Client, session: str) -> int:
     names: list[Any] = [k.cmd, k.res, k.ctl, k.live, k.meta, k.lease, k.seq]
     names += list(client.redis.scan_iter(match=k.jrnl("*"), count=1000))
     return int(client.redis.delete(*names))
+
+
+def info(client: Client) -> dict[str, Any]:
+    """`shellq info`: every session (its state row, worker heartbeat age in seconds) and every live manager (from
+    its lease) with its queue: jobs queued, started (running), failed. JSON-ready."""
+    from rq import Queue
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    from containers.jobs import queue_name
+    from containers.manager import live_managers
+
+    now: Any = client.redis.time()
+    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    sessions = []
+    for row in list_sessions(client):
+        beat: Any = client.redis.hget(protocol.keys(row.name).meta, "heartbeat_ms")
+        age = (now_ms - int(beat)) / 1000 if beat else None
+        sessions.append({**row.__dict__, "worker_alive": row.worker_alive, "heartbeat_age": age})
+    managers = {}
+    for host, lease in live_managers(client.redis).items():
+        queue = Queue(queue_name(host), connection=client.redis)
+        started = StartedJobRegistry(queue=queue)
+        failed = FailedJobRegistry(queue=queue)
+        managers[host] = {**lease, "queue": queue.name, "queued": queue.count}
+        managers[host] |= {"started": started.count, "failed": failed.count}
+    return {"sessions": sessions, "managers": managers}

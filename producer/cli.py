@@ -6,7 +6,7 @@
     shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
     shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
                          [--disk SIZE] [--user U] [--read-only] [--mount HOST:CTR[:ro]] [--network N]
-                         [--producer-url]
+                         [--manager [HOST]] [--producer-url]
                                                a session and its worker; prints its name (and, with
                                                --producer-url, a Redis URL that reaches this session only)
     shellq session stop S [--keep]             stop its worker and delete the session (keys, local directory):
@@ -18,6 +18,10 @@
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
                                                and never will, 75 when it started but its result never came)
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
+    shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
+                                               run shellq's RQ jobs (start, stop, gc of docker sessions) beside
+                                               this Docker engine, and watch its session containers
+    shellq info [--json]                       sessions, managers and their queues (an ops view)
     shellq worker                              serve one session (same as python -m worker)
 
 Redis: SHELLQ_REDIS_URL, else the server of `shellq up`. Every failure is one `shellq: ...` line on stderr, exit
@@ -138,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         "--network", help="docker: also join this network (default: none; Redis is reached through its socket)"
     )
     start.add_argument(
+        "--manager",
+        nargs="?",
+        const="",
+        metavar="HOST",
+        help="docker: have the `shellq manager` of HOST (default: the only one running) start it",
+    )
+    start.add_argument(
         "--producer-url",
         action="store_true",
         help="also print a Redis URL that reaches this session only (its producer user), for an agent",
@@ -158,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(handler=cmd_gc)
 
+    _add_ops_verbs(verbs)
+
     ex = verbs.add_parser("exec", help="run a command in a session")
     ex.add_argument("name")
     ex.add_argument("--timeout", type=float, help="execution limit in seconds (default: the worker's)")
@@ -170,6 +183,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # -- Redis location ------------------------------------------------------------------------------------------------
+
+
+def _add_ops_verbs(verbs: Any) -> None:
+    """`shellq manager` and `shellq info`."""
+    manager = verbs.add_parser("manager", help="run shellq's jobs beside this Docker engine (RQ worker)")
+    manager.add_argument("--queue", metavar="HOST", help="the Docker host's name (default: this machine's)")
+    manager.add_argument(
+        "--mount-allow", action="append", default=[], metavar="PATH", help="allow bind mounts under PATH"
+    )
+    manager.add_argument(
+        "--network-allow", action="append", default=[], metavar="NAME", help="allow sessions on network NAME"
+    )
+    manager.add_argument("--gc-interval", type=int, default=60, help="seconds between two gc jobs")
+    manager.set_defaults(handler=cmd_manager)
+    info = verbs.add_parser("info", help="sessions, managers and their queues")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_info)
 
 
 def redis_url() -> str:
@@ -251,7 +281,12 @@ def cmd_session_start(args: argparse.Namespace) -> int:
     if _client(url).session(name).worker_alive():
         raise CliError(f"session {name} already has a live worker (`shellq session stop {name}` stops it)")
     try:
-        where = _start_docker(name, url, args) if args.backend == "docker" else _start_local(name, url)
+        if args.manager is not None:
+            where = _start_via_manager(name, url, args)
+        elif args.backend == "docker":
+            where = _start_docker(name, url, args)
+        else:
+            where = _start_local(name, url)
     except SessionStartError as e:
         if "session state lost" not in str(e):
             raise
@@ -275,6 +310,15 @@ def _start_docker(name: str, url: str, args: argparse.Namespace) -> str:
     handle = docker_backend.start(name, read_only=args.read_only, mounts=args.mount, network=args.network, **options)
     docker_backend.forget(name)  # the container outlives this command; `session stop` or `gc` removes it
     return f"container {handle[:12]} ({args.image})"
+
+
+def _start_via_manager(name: str, url: str, args: argparse.Namespace) -> str:
+    options = {"image": args.image, "memory": args.memory, "cpus": args.cpus, "pids": args.pids, "disk": args.disk}
+    options |= {"user": args.user, "read_only": args.read_only, "mounts": args.mount, "network": args.network}
+    client = _client(url)
+    client.create_session(name, host=args.manager or None, **options)
+    container: Any = client.redis.hget(protocol.keys(name).meta, "container") or b"?"
+    return f"container {container.decode()[:12]} ({args.image}), started by a manager"
 
 
 def _start_local(name: str, url: str) -> str:
@@ -337,6 +381,46 @@ def cmd_gc(args: argparse.Namespace) -> int:
     removed = DockerBackend(redis_url()).gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"shellq: {verb} {len(removed)} containers" + (f" ({', '.join(removed)})" if removed else ""))
+    return 0
+
+
+def cmd_manager(args: argparse.Namespace) -> int:
+    import logging
+
+    from containers import manager
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return manager.run(
+        redis_url(),
+        args.queue,
+        tuple(args.mount_allow),
+        tuple(args.network_allow),
+        gc_interval=args.gc_interval,
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from producer.admin import info
+
+    report = info(_client())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'SESSION':<24}{'BACKEND':<9}{'WORKER':<8}{'STATE':<9}{'QUEUE':>6}  HEARTBEAT")
+    for row in report["sessions"]:
+        beat = "-" if row["heartbeat_age"] is None else f"{row['heartbeat_age']:.1f} s ago"
+        queue = "?" if row["queue_depth"] is None else row["queue_depth"]
+        alive = "alive" if row["worker_alive"] else "-"
+        print(f"{_printable(row['name']):<24}{row['backend']:<9}{alive:<8}{row['state']:<9}{queue:>6}  {beat}")
+    print()
+    print(f"{'MANAGER (DOCKER HOST)':<24}{'MACHINE':<20}{'PID':>8}  {'QUEUED':>6} {'STARTED':>7} {'FAILED':>6}")
+    for host, m in sorted(report["managers"].items()):
+        print(
+            f"{_printable(host):<24}{_printable(str(m['machine'])):<20}{m['pid']:>8}  {m['queued']:>6}"
+            f" {m['started']:>7} {m['failed']:>6}"
+        )
+    if not report["managers"]:
+        print("(no manager running)")
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import secrets
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,6 +98,33 @@ class Client:
     def session(self, session_id: str) -> Session:
         """A handle on a session's streams; nothing is checked or created until it is used."""
         return Session(self, session_id)
+
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        backend: str = "docker",
+        host: str | None = None,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> Session:
+        """Have a `shellq manager` start a session and return its handle once its worker's heartbeat was seen.
+
+        backend: "docker" (the only backend a manager runs); host: the Docker host whose manager starts it (None:
+        the only one running); options: those of DockerBackend.start (`image`, `memory`, `cpus`, `pids`, `disk`,
+        `user`, `read_only`, `mounts`, `network`, `env`, `start_timeout`), checked here. Needs the admin's URL (the
+        managers' queues are the admin's). Raises NoManagerError, SessionStartError (with the container's last
+        log lines), ConfigError (a bad option, a mount or network the manager does not allow), ResultTimeoutError
+        after `timeout` seconds."""
+        from containers import jobs
+
+        if backend != "docker":
+            raise ValueError(f"a manager starts docker sessions, not {backend!r} ones")
+        name = protocol.check_id(session_id or f"s-{uuid.uuid4().hex[:8]}", "session id")
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+        with _redis_errors(self.settings.redis_url):
+            jobs.create_session(self.redis, name, options, host=host, timeout=timeout)
+        return self.session(name)
 
     def close(self) -> None:
         self._closer()
@@ -382,9 +410,10 @@ class Session:
         return outcome, reply[1].decode() if outcome == "answered" else None
 
     def worker_alive(self) -> bool:
-        """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and not stopped?"""
+        """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and neither stopped nor
+        gone (its container died for good: DockerBackend.supervise)?"""
         age, state = self._heartbeat()
-        return age is not None and age <= self.client.settings.no_worker_after and state != "stopped"
+        return age is not None and age <= self.client.settings.no_worker_after and state not in ("stopped", "gone")
 
     def _heartbeat(self) -> tuple[float | None, str | None]:
         """FCALL_RO shellq_alive: seconds since the last heartbeat (by the server's clock) and the worker's state."""

@@ -22,6 +22,7 @@ from containers import access
 from containers.local import LocalBackend, SessionStartError
 from producer import AccessDeniedError, Client, ResultTimeoutError
 from worker import protocol
+from worker.errors import ConfigError
 
 SHELLQ = Path(sys.executable).parent / "shellq"
 
@@ -227,3 +228,15 @@ def test_a_workers_user_may_not_run_info_so_the_admin_records_durability_for_it(
     assert "Redis is not durable: AOF is off" in backend.log_path(session_id).read_text()
     with pytest.raises(SessionStartError, match=r"refusing to start \(SHELLQ_REQUIRE_DURABLE\): AOF is off"):
         backend.start(session_id, start_timeout=10, env={"SHELLQ_REQUIRE_DURABLE": "1"})
+
+
+def test_sessions_live_in_database_0_only(private_server: RedisServer) -> None:
+    """Session users are the server's: one that may SELECT reaches every database, so shellq refuses another
+    database (and its session users may not SELECT)."""
+    r = redis.Redis.from_url(private_server.url.rsplit("/", 1)[0] + "/1")
+    with pytest.raises(ConfigError, match="database 0"):
+        access.grant(r, "db-one")
+    creds = access.grant(private_server.client(), "db-zero")
+    worker = redis.Redis.from_url(access.url_for(private_server.url, creds.worker_user, creds.worker_password))
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.execute_command("SELECT", 1)

@@ -267,9 +267,10 @@ def test_two_servers_on_one_engine_own_their_containers(image: str, tmp_path: Pa
             s2 = session(servers[1].url, name)
             assert s2.run("export MINE=2").exit_code == 0
 
+            one.docker.containers.get(ids[0]).pause()  # its worker beats no more
             servers[0].client().delete(protocol.keys(name).meta)  # one's session is gone: one's gc removes it...
             assert one.gc(dry_run=True) == [name]
-            assert one.docker.containers.get(ids[0]).status == "running"  # a dry run removes nothing
+            assert one.docker.containers.get(ids[0]).status == "paused"  # a dry run removes nothing
             assert one.gc() == [name]
             assert one.stop(name) is False and one.gc() == []
             assert [c.id for c in one.docker.containers.list(filters={"label": f"{LABEL}={name}"})] == [ids[1]]
@@ -290,3 +291,107 @@ def test_two_servers_on_one_engine_own_their_containers(image: str, tmp_path: Pa
     finally:
         for server in servers:
             server.stop()
+
+
+def test_socket_is_out_of_the_shells_reach_whoever_owns_it(image: str, tmp_path: Path, session_id: str) -> None:
+    """Even when the socket and its directory belong to the shell user's uid (a developer's `shellq up` as uid
+    1000, the image's `shellq` is 1000 too), the shell cannot open it: it is mounted inside /etc/shellq (root's,
+    0700). Only the worker reaches Redis."""
+    server = _server(tmp_path / "uid")
+    try:
+        os.chown(server.socket.parent, 1000, 1000)
+        os.chown(server.socket, 1000, 1000)
+        with DockerBackend(server.url, image=image) as backend:
+            backend.start(session_id, env=FAST)
+            s = session(server.url, session_id)
+            probe = (
+                "python3 -c 'import socket; s = socket.socket(socket.AF_UNIX);"
+                f' s.connect("{SOCKET_DIR}/redis.sock")\' 2>&1 | tail -1; id -u'
+            )
+            assert s.run(probe).stdout == "PermissionError: [Errno 13] Permission denied\n1000\n"
+            backend.stop(session_id)
+    finally:
+        server.stop()
+
+
+def test_socket_directory_holding_more_than_the_socket_is_refused(image: str, tmp_path: Path, session_id: str) -> None:
+    server = _server(tmp_path / "shared")
+    other = socket.socket(socket.AF_UNIX)
+    try:
+        other.bind(str(server.socket.parent / "docker.sock"))  # another service's socket beside Redis's
+        with DockerBackend(server.url, image=image) as backend:
+            with pytest.raises(ConfigError, match=r"also holds docker\.sock"):
+                backend.start(session_id, env=FAST)
+            assert not backend._containers(session_id)
+    finally:
+        other.close()
+        server.stop()
+
+
+def test_memory_pressure_kills_commands_never_the_worker(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """Fourteen 22 MB processes at a 256 MB limit (a `make -j`): the OOM killer takes commands (their
+    oom_score_adj is 1000), the worker stays (no restart), the session goes on."""
+    container_id = backend.start(session_id, env=FAST, memory="256m")
+    s = session(redis_server.url, session_id)
+    assert s.run("cat /proc/self/oom_score_adj").stdout == "1000\n"
+    assert s.run("echo -1 > /proc/self/oom_score_adj").exit_code != 0  # below the worker's: refused
+    hogs = "for i in $(seq 14); do python3 -c 'b = bytearray(22 << 20); import time; time.sleep(3)' & done; wait"
+    r = s.run(hogs + "; echo done", timeout=60)
+    assert (r.status, r.stdout) == ("completed", "done\n"), r
+    assert s.run("echo alive").stdout == "alive\n"
+    assert backend.docker.containers.get(container_id).attrs["RestartCount"] == 0
+    backend.stop(session_id)
+
+
+def test_long_output_is_spooled_within_the_disk_limit(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """--disk 64m: the worker's spool of a command's output (150 MB printed) stays within the limit too."""
+    container_id = backend.start(session_id, env=FAST, disk="64m")
+    s = session(redis_server.url, session_id)
+    r = s.run("head -c 150M /dev/zero", timeout=60)
+    assert r.status == "completed" and r.stdout_size == 150 << 20 and r.truncated
+    container = backend.docker.containers.get(container_id)
+    code, out = container.exec_run(["du", "-sm", "/var/lib/shellq"])
+    assert code == 0 and int(out.split()[0]) <= 64, out
+    backend.stop(session_id)
+
+
+def test_restarted_session_is_supervised_again(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """start, stop, start again on one backend, then the container is killed: its commands are answered."""
+    backend.start(session_id, env=FAST)
+    backend.stop(session_id)
+    container_id = backend.start(session_id, env=FAST)
+    s = session(redis_server.url, session_id)
+    running = s.submit("sleep 60")
+    wait_for(lambda: backend.redis.hget(protocol.keys(session_id).meta, "current") == running.encode())
+    backend.docker.containers.get(container_id).kill()
+    assert s.result(running, timeout=20).status == "unavailable"
+    backend.stop(session_id)
+
+
+def test_gc_leaves_a_starting_container_alone(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """A running container younger than 30 s whose worker has not beaten yet is starting, not an orphan."""
+    container_id = backend.start(session_id, env=FAST)
+    backend.redis.delete(protocol.keys(session_id).meta)  # as before the worker's first heartbeat
+    assert session_id not in backend.gc(dry_run=True)
+    assert backend.docker.containers.get(container_id).status == "running"
+    backend.stop(session_id)
+
+
+def test_system_and_numeric_users_with_a_disk_limit(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """A uid works as a user name; a system user's home (daemon: /usr/sbin) gets no tmpfs laid over it."""
+    backend.start(session_id, env=FAST, user="1000", disk="64m")
+    assert session(redis_server.url, session_id).run("id -un; pwd").stdout == "shellq\n/home/shellq\n"
+    backend.stop(session_id)
+    backend.start(session_id, env=FAST, user="daemon", disk="64m")
+    assert session(redis_server.url, session_id).run("id -un; ls /usr/sbin | grep -c .").stdout.split()[0] == "daemon"
+    backend.stop(session_id)

@@ -105,6 +105,11 @@ class ShellUser:
         return stat.S_ISDIR(info.st_mode) and (info.st_mode >> shift) & bits == bits
 
 
+OOM_SCORE_ADJ = 1000
+"""bash's and so every command's oom_score_adj: under memory pressure the kernel kills a command, not the worker
+(which has 0). A command may lower its own back to 0, not below (making it a floor needs CAP_SYS_RESOURCE, which
+Docker hosts such as CI's do not have to give): then the worker can be chosen, and its death is answered honestly
+(`interrupted`, a restart)."""
 FORK_PATIENCE = 30.0
 """Seconds the worker keeps trying to start bash while the container has no process to spare (EAGAIN: the pids
 limit reached by a command's background jobs or fork bomb): those end, and the session must come back then."""
@@ -159,6 +164,8 @@ class ShellProcess:
             extra_groups=None if user is None else user.groups,
         )
         self.pid = self.proc.pid
+        with contextlib.suppress(OSError):  # the OOM killer's first pick is a command, never the worker
+            Path(f"/proc/{self.pid}/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin.fileno()
         self._stdin_ino = os.fstat(self._stdin).st_ino
