@@ -346,11 +346,10 @@ class DockerBackend:
             def via_socket(user: str) -> str:
                 return f"unix://{quote(user, safe='')}@{inside}?db={db}"
 
-            return (
-                network or "none",
-                [Mount(SOCKET_DIR, str(socket_path.parent), type="bind", read_only=True)],
-                via_socket,
-            )
+            source = Mount(SOCKET_DIR, str(socket_path.parent), type="bind", read_only=True)
+            if volume := os.environ.get("SHELLQ_REDIS_SOCKET_VOLUME"):  # a manager in compose: Redis's volume
+                source = Mount(SOCKET_DIR, volume, type="volume", read_only=True)
+            return network or "none", [source], via_socket
         if network is None:
             host = urlsplit(self.redis_url).hostname or "localhost"
             raise ConfigError(

