@@ -211,7 +211,8 @@ class DockerBackend:
                 continue
             next_check = time.monotonic() + 0.25
             container.reload()
-            if container.status in ("exited", "dead") or time.monotonic() > deadline:
+            crashed = container.attrs.get("RestartCount", 0) > 0  # its worker exited before it ever announced itself
+            if container.status in ("exited", "dead") or crashed or time.monotonic() > deadline:
                 tail = container.logs(tail=20).decode(errors="replace")
                 self._remove(container.id)
                 self._started.pop(session, None)

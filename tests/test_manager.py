@@ -148,6 +148,8 @@ def test_manager_errors_come_back_as_shellq_errors(
             c.create_session(session_id, image=image, mounts=[f"{allowed}/../allowed/data:/d", mount])
     with pytest.raises(ConfigError, match="network 'host' is not allowed here"):
         c.create_session(session_id, image=image, network="host")
+    with pytest.raises(SessionStartError, match=r"did not start[\s\S]*no-such-user"):  # the container's log
+        c.create_session(session_id, image=image, user="no-such-user", env=FAST)
     with pytest.raises(ValueError, match="memory"):
         c.create_session(session_id, image=image, memory_limit="1g")  # an option no start has
     assert not containers_of(engine, session_id)

@@ -395,3 +395,20 @@ def test_system_and_numeric_users_with_a_disk_limit(
     backend.start(session_id, env=FAST, user="daemon", disk="64m")
     assert session(redis_server.url, session_id).run("id -un; ls /usr/sbin | grep -c .").stdout.split()[0] == "daemon"
     backend.stop(session_id)
+
+
+@pytest.mark.timeout(180)
+def test_processes_that_left_the_shell_cannot_hold_the_pids_limit(
+    backend: DockerBackend, redis_server: RedisServer, session_id: str
+) -> None:
+    """Loops that left the shell's session (setsid) take every process the limit allows, and bash exits: the
+    worker gets a new bash (a freed process, or after FORK_PATIENCE by killing every process of the shell user).
+    The result is honest (`shell_exited`, 3), the worker never restarted, the session answers."""
+    container_id = backend.start(session_id, env=FAST, pids=128)
+    s = session(redis_server.url, session_id)
+    loop = "setsid sh -c 'while :; do sleep 1000 & done' >/dev/null 2>&1 < /dev/null &"
+    r = s.run(f"{loop} {loop} {loop} sleep 1; exit 3", timeout=120)
+    assert (r.status, r.exit_code) == ("shell_exited", 3), r
+    assert s.run("echo ok", timeout=60).stdout == "ok\n"  # a builtin: it needs no process
+    assert backend.docker.containers.get(container_id).attrs["RestartCount"] == 0
+    backend.stop(session_id)

@@ -293,3 +293,30 @@ def test_the_spool_is_the_shell_users_to_read_and_nobody_elses(make_shell: MakeS
     sh.close()
     shutil.rmtree(base)
     assert all(mode & 0o007 == 0 for mode in modes.values()), modes  # others: nothing
+
+
+def test_kill_user_ends_a_fork_loop_of_another_uid() -> None:
+    """What the worker does when the shell user's processes hold the pids limit: SIGKILL every process of that
+    uid, looking again until none is left, also while they fork. (A uid no one else uses: 54321.)"""
+    import subprocess
+    import time
+
+    from worker import procs
+
+    uid = 54321
+    assert not procs.user_procs(uid)
+    loop = subprocess.Popen(
+        ["sh", "-c", "while :; do sleep 1000 & done"],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    assert procs.kill_user(uid) > 1
+    loop.wait(timeout=10)
+    assert not procs.user_procs(uid)
+    with pytest.raises(ValueError):
+        procs.kill_user(os.geteuid())

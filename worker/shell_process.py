@@ -115,15 +115,20 @@ FORK_PATIENCE = 30.0
 limit reached by a command's background jobs or fork bomb): those end, and the session must come back then."""
 
 
-def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """subprocess.Popen, retried with backoff for up to FORK_PATIENCE seconds while fork fails with EAGAIN."""
-    deadline, delay = time.monotonic() + FORK_PATIENCE, 0.05
+def _popen(args: list[str], owner: ShellUser | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen, retried with backoff for up to FORK_PATIENCE seconds while fork fails with EAGAIN. Still
+    failing then, with a shell user of its own (`owner`): every process of that user is killed (what holds the
+    processes is the shell's: a fork bomb, daemons that left its session), and the start is tried again."""
+    deadline, delay, cleared = time.monotonic() + FORK_PATIENCE, 0.05, False
     while True:
         try:
             return subprocess.Popen(args, **kwargs)
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise
+                if owner is None or cleared:
+                    raise
+                procs.kill_user(owner.uid)
+                deadline, cleared = time.monotonic() + 5, True
             time.sleep(delay)
             delay = min(2 * delay, 1.0)
 
@@ -153,6 +158,7 @@ class ShellProcess:
         """Reading the command file marks its access time here (not so on a `noatime` mount): `ran()` can tell."""
         self.proc = _popen(
             ["bash", "--norc", "--noprofile"],
+            user,
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -174,6 +180,7 @@ class ShellProcess:
         try:
             self._guard = _popen(
                 ["bash", "--norc", "--noprofile", "-c", _GUARD],
+                user,
                 stdin=guard_r,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
