@@ -134,6 +134,7 @@ class DockerBackend:
         network: str | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
+        image: str | None = None,
     ) -> str:
         """Run the session's container and wait for its worker's heartbeat; returns the container id.
 
@@ -143,9 +144,11 @@ class DockerBackend:
         home, /tmp, /var/tmp, /run/lock: each up to `disk`, counted in `memory`); user: the shell's user in the image
         ("root": weaker, see the README); read_only: a read-only root, with tmpfs where the shell and worker write;
         mounts: HOST:CTR[:ro] binds; network: a Docker network to join besides the way to Redis (None: none; "host"
-        only when asked). Raises SessionStartError (with the container's last log lines) or ConfigError.
+        only when asked); image: this start's image (None: the backend's). Raises SessionStartError (with the
+        container's last log lines) or ConfigError.
         """
-        self._check_image()
+        image = image or self.image
+        self._check_image(image)
         self._stopping.discard(session)
         self._check_swap_limit()
         network_mode, binds, worker_url = self._route(network)
@@ -154,7 +157,8 @@ class DockerBackend:
             return adopted
         worker = uuid.uuid4().hex[:16]
         creds = access.grant(self.redis, session)
-        environment = {"SHELLQ_SESSION": session, **(env or {})}
+        environment = {**(env or {}), "SHELLQ_SESSION": session}  # `env` may not name another session
+        environment.pop("SHELLQ_SHELL_USER", None)
         if user != "root":
             environment["SHELLQ_SHELL_USER"] = user
         environment.update(
@@ -174,8 +178,11 @@ class DockerBackend:
             "memswap_limit": memory,  # the same figure: no swap beyond the memory limit
             "nano_cpus": int(cpus * 1e9),
             "pids_limit": pids,
-            "volumes": [_mount(m) for m in mounts],
-            "mounts": [Mount(target=os.path.dirname(PASSWORD_FILE), source=None, type="volume"), *binds],
+            "mounts": [
+                Mount(target=os.path.dirname(PASSWORD_FILE), source=None, type="volume"),
+                *binds,
+                *(_mount(m) for m in mounts),
+            ],
             "read_only": read_only,
             "network_mode": network_mode,
             "environment": environment,
@@ -186,7 +193,7 @@ class DockerBackend:
         }
         container = None
         try:
-            container = self._create(options, user, disk, memory)
+            container = self._create(image, options, user, disk, memory)
             container.put_archive(os.path.dirname(PASSWORD_FILE), _password_archive(creds.worker_password))
             container.start()
         except BaseException:
@@ -239,11 +246,14 @@ class DockerBackend:
         connections too); returns its id, or None after removing a container whose password never arrived (its
         start was cut short: a new one is made)."""
         try:
-            stream, _ = container.get_archive(PASSWORD_FILE)
+            stream, stat = container.get_archive(PASSWORD_FILE)  # stat: Docker's, of the path
+            plain = not stat.get("linkTarget") and not stat.get("mode", 0) & ~0o7777  # Go's FileMode: no type bits
+            if stat.get("size", 0) > 4096 or not plain:  # a root shell swapped it for something else
+                raise tarfile.TarError("not the password file")
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
                 member = tar.extractfile(os.path.basename(PASSWORD_FILE))
-                password = member.read().decode().strip() if member else ""
-        except (NotFound, APIError, tarfile.TarError):
+                password = member.read(4096).decode().strip() if member else ""
+        except (NotFound, APIError, tarfile.TarError, KeyError, UnicodeDecodeError):
             password = ""
         if not password:
             self._remove(container.id)
@@ -297,13 +307,13 @@ class DockerBackend:
 
     # -- internals ------------------------------------------------------------------------------------------------
 
-    def _check_image(self) -> None:
+    def _check_image(self, image: str) -> None:
         """The worker image must be on this host: `containers.run` would otherwise try to pull it from a registry."""
         try:
-            self.docker.images.get(self.image)
+            self.docker.images.get(image)
         except ImageNotFound:
             raise SessionStartError(
-                f"no image {self.image} on this Docker host: build it with `shellq image build --tag {self.image}`"
+                f"no image {image} on this Docker host: build it with `shellq image build --tag {image}`"
                 " (add --base IMAGE for another base than python:3.12-slim)"
             ) from None
 
@@ -322,18 +332,18 @@ class DockerBackend:
         found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels})
         return found
 
-    def _create(self, options: dict[str, Any], user: str, disk: str | None, memory: str) -> Any:
+    def _create(self, image: str, options: dict[str, Any], user: str, disk: str | None, memory: str) -> Any:
         """containers.create, with the disk limit as a quota on the container's layer where the storage driver has
         one (learnt from the engine's answer), else as bounded tmpfs mounts (`_tmpfs`)."""
         if disk and self._layer_quota and not options["read_only"]:
             try:
-                return self.docker.containers.create(self.image, storage_opt={"size": disk}, **options)
+                return self.docker.containers.create(image, storage_opt={"size": disk}, **options)
             except APIError as e:
                 if "storage-opt" not in str(e):
                     raise
                 self._layer_quota = False  # e.g. overlay2 on ext4: "supported only for overlay over xfs with pquota"
-        tmpfs = self._tmpfs(user, disk, options["read_only"], memory)
-        return self.docker.containers.create(self.image, tmpfs=tmpfs, **options)
+        tmpfs = self._tmpfs(image, user, disk, options["read_only"], memory)
+        return self.docker.containers.create(image, tmpfs=tmpfs, **options)
 
     def _route(self, network: str | None) -> tuple[str, list[Mount], Any]:
         """How a container reaches Redis: (network mode, mounts, worker user -> worker URL). Through Redis's unix
@@ -402,7 +412,7 @@ class DockerBackend:
         self._socket = socket_path
         return socket_path
 
-    def _tmpfs(self, user: str, disk: str | None, read_only: bool, memory: str) -> dict[str, str]:
+    def _tmpfs(self, image: str, user: str, disk: str | None, read_only: bool, memory: str) -> dict[str, str]:
         """tmpfs mounts on every place the shell user may write in a Debian-like image (its home, /tmp, /var/tmp,
         /run/lock), each up to `disk`, for a read-only root or a disk limit without a layer quota; else none. A home
         outside /home (a system user's: /usr/sbin, /dev) is left alone."""
@@ -410,7 +420,7 @@ class DockerBackend:
             return {}
         size = f"size={disk}," if disk else ""
         tmpfs = {path: f"{size}exec,mode=1777" for path in ("/tmp", "/var/tmp", "/run/lock")}
-        home, uid, gid = self._user_home(user)
+        home, uid, gid = self._user_home(image, user)
         if home.startswith("/home/") or home == "/root":
             tmpfs[home] = f"{size}exec,uid={uid},gid={gid},mode=0750"
         if read_only:  # the worker's directory (SHELLQ_WORK_DIR), its spool included: bounded below memory
@@ -418,13 +428,13 @@ class DockerBackend:
             tmpfs["/var/lib/shellq"] = f"size={spool + (16 << 20)},mode=0755"
         return tmpfs
 
-    def _user_home(self, user: str) -> tuple[str, int, int]:
+    def _user_home(self, image: str, user: str) -> tuple[str, int, int]:
         """(home, uid, gid) of `user` in the image, read from its /etc/passwd (a container created, never started;
         labelled with no session, so `gc` removes one left behind)."""
-        if (self.image, user) in self._homes:
-            return self._homes[self.image, user]
+        if (image, user) in self._homes:
+            return self._homes[image, user]
         labels = {LABEL: "", INSTANCE_LABEL: self.instance}
-        probe = self.docker.containers.create(self.image, labels=labels, network_mode="none")
+        probe = self.docker.containers.create(image, labels=labels, network_mode="none")
         try:
             stream, _ = probe.get_archive("/etc/passwd")
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
@@ -435,11 +445,11 @@ class DockerBackend:
         for line in text.splitlines():
             fields = line.split(":")
             if len(fields) >= 6 and user in (fields[0], fields[2]) and fields[2].isdigit() and fields[3].isdigit():
-                self._homes[self.image, user] = fields[5] or "/", int(fields[2]), int(fields[3])
-                return self._homes[self.image, user]
+                self._homes[image, user] = fields[5] or "/", int(fields[2]), int(fields[3])
+                return self._homes[image, user]
         if user.isdigit():  # a uid with no passwd entry (the worker accepts it): no home to bound
             return "/", int(user), int(user)
-        raise ConfigError(f"no user {user!r} in image {self.image} (its /etc/passwd)")
+        raise ConfigError(f"no user {user!r} in image {image} (its /etc/passwd)")
 
     def _alive(self, session: str, instance: str) -> bool:
         reply: Any = self.redis.hmget(protocol.keys(session).meta, "instance", "heartbeat_ms")
@@ -464,20 +474,23 @@ class DockerBackend:
             self._watcher = threading.Thread(target=self.supervise, name="shellq-docker-events", daemon=True)
             self._watcher.start()
 
-    def supervise(self, every_session: bool = False, stop: threading.Event | None = None) -> None:
+    def supervise(
+        self, every_session: bool = False, stop: threading.Event | None = None, since: float | None = None
+    ) -> None:
         """Answer `unavailable`, with the reason, the queued and running commands of a session whose container died
         for good (not restarted by its restart policy): the containers this backend started, or with `every_session`
         all of this server's (the manager: whoever started them). Blocks on Docker's event stream until `stop` is
-        set (checked at each event and every 5 s) or, without `stop`, until the engine goes away."""
-        since: str | None = None
+        set (checked at each event and every 5 s) or, without `stop`, until the engine goes away. `since`: a Unix
+        time; the events before it are not replayed."""
+        after: str | None = None if since is None else f"{since:.9f}"  # events before it are not replayed
         while stop is None or not stop.is_set():
             until = time.time() + 5 if stop is not None else None
             try:
                 mine = {"label": [LABEL, f"{INSTANCE_LABEL}={self.instance}"], "event": "die"}
-                for event in self.docker.events(decode=True, filters=mine, since=since, until=until):
+                for event in self.docker.events(decode=True, filters=mine, since=after, until=until):
                     if nano := event.get("timeNano"):
                         seconds, ns = divmod(int(nano) + 1, 10**9)
-                        since = f"{seconds}.{ns:09d}"  # the next event, not this one again
+                        after = f"{seconds}.{ns:09d}"  # the next event, not this one again
                     self._died(event, every_session)
             except DockerException as e:
                 if stop is None:
@@ -488,6 +501,12 @@ class DockerBackend:
                 return
 
     def _died(self, event: dict[str, Any], every_session: bool) -> None:
+        try:
+            self._answer_death(event, every_session)
+        except Exception:  # one session's odd state (a root shell's garbage) must not end the supervision
+            log.exception("could not settle the death of container %s", str(event.get("id", ""))[:12])
+
+    def _answer_death(self, event: dict[str, Any], every_session: bool) -> None:
         attrs: dict[str, Any] = event.get("Actor", {}).get("Attributes", {})
         session, cid = attrs.get(LABEL, ""), event.get("id", "")
         if not protocol.ID_PATTERN.match(session) or session in self._stopping:
@@ -524,12 +543,17 @@ class DockerBackend:
         return f"its container exited (code {code})"
 
 
-def _mount(spec: str) -> str:
-    """HOST:CTR[:ro] -> Docker's volume string (read-write unless `:ro`)."""
+def _mount(spec: str) -> Mount:
+    """HOST:CTR[:ro] -> a bind mount (read-write unless `:ro`) of an absolute host path that must exist (Docker
+    would create a missing one, and take a bare name for a named volume). Raises ConfigError."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise ConfigError(f"--mount wants HOST:CONTAINER[:ro], got {spec!r}")
-    return spec if len(parts) == 3 else f"{spec}:rw"
+    if not parts[0].startswith("/") or not parts[1].startswith("/"):
+        raise ConfigError(f"--mount wants absolute paths, got {spec!r}")
+    if not os.path.exists(parts[0]):
+        raise ConfigError(f"--mount {spec!r}: {parts[0]} does not exist")
+    return Mount(parts[1], parts[0], type="bind", read_only=len(parts) == 3 and parts[2] == "ro")
 
 
 def _password_archive(password: str) -> bytes:
@@ -547,7 +571,7 @@ def answer_unavailable(r: redis.Redis, session: str, instance: str, reason: str)
     gone. Takes over the dead worker's lease (its token is the worker's instance id) so no commit is doubled."""
     keys = protocol.keys(session)
     holder: Any = r.get(keys.lease)
-    if holder and holder.decode() != instance:
+    if holder and holder != instance.encode():
         return 0  # a live worker elsewhere holds the session
     token = f"reaper:{uuid.uuid4().hex[:8]}"
     protocol.load_functions(r.execute_command, redis.ResponseError)

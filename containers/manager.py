@@ -18,17 +18,18 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis
 from rq import SimpleWorker
-from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from containers import jobs
 from containers.docker_backend import DEFAULT_IMAGE, DockerBackend
 from containers.local import pid_running
+from worker.errors import ConfigError
 
 log = logging.getLogger("shellq.manager")
 
@@ -47,7 +48,7 @@ class Lease:
         self.worker = f"shellq-manager-{host}-{self.token[:6]}"
         self.value = json.dumps(
             {"pid": os.getpid(), "machine": socket.gethostname(), "since": time.time(), "worker": self.worker}
-            | {"token": self.token}
+            | {"token": self.token, "process": _process_identity(os.getpid())}
         )
 
     def acquire(self) -> bool:
@@ -62,7 +63,8 @@ class Lease:
             if raw is None:
                 continue  # it lapsed just now
             holder = json.loads(raw)
-            if holder.get("machine") == socket.gethostname() and not pid_running(int(holder.get("pid", 0))):
+            mine = holder.get("machine") == socket.gethostname() and _same_boot_and_namespace(holder.get("process"))
+            if mine and _process_identity(int(holder.get("pid", 0))) != holder.get("process"):
                 log.warning("manager %s (pid %s) died: taking its lease over", holder.get("worker"), holder["pid"])
                 self._take_from(raw)
                 continue
@@ -108,6 +110,27 @@ class Lease:
                 pass
 
 
+def _process_identity(pid: int) -> str | None:
+    """boot id, pid namespace and start time of a process of this machine: a pid alone may be another namespace's,
+    or a reused one. None when the process is gone."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    if not pid_running(pid):
+        return None
+    started = raw[raw.rindex(b")") + 2 :].split()[19].decode()
+    return f"{boot}/{namespace}/{started}"
+
+
+def _same_boot_and_namespace(identity: str | None) -> bool:
+    """Is a lease holder's recorded identity from this boot and this pid namespace (so its pid means the same)?"""
+    mine = _process_identity(os.getpid())
+    return bool(identity and mine and identity.rsplit("/", 1)[0] == mine.rsplit("/", 1)[0])
+
+
 def live_managers(r: redis.Redis) -> dict[str, dict[str, Any]]:
     """host -> the lease value of each live manager."""
     found: dict[str, dict[str, Any]] = {}
@@ -117,6 +140,7 @@ def live_managers(r: redis.Redis) -> dict[str, dict[str, Any]]:
             name = key.decode() if isinstance(key, bytes) else str(key)
             value = json.loads(raw)
             value.pop("token", None)
+            value.pop("process", None)
             found[name[len(LEASE_PREFIX) :]] = value
     return found
 
@@ -145,28 +169,30 @@ def run(
     """Serve the manager's queue until SIGTERM/SIGINT (or, with `burst`, until it is empty); while another live
     manager holds this host's lease, stand by."""
     host = host or jobs.default_host()
+    for root in mount_allow:
+        if not root.startswith("/") or os.path.realpath(root) != root.rstrip("/"):
+            raise ConfigError(f"--mount-allow {root!r}: give an absolute path with no symlink in it")
     r = redis.Redis.from_url(redis_url)
     lease = Lease(r, host)
     lease.wait()
     stop = threading.Event()
-    jobs.configure(jobs.ManagerConfig(redis_url, host, mount_allow, network_allow, gc_interval))
     backend = DockerBackend(redis_url, image=DEFAULT_IMAGE)
+    jobs.configure(jobs.ManagerConfig(backend, host, mount_allow, network_allow, gc_interval))
+    queue = jobs.manager_queue(r, host)
+    # Whoever held the lease before is dead: the jobs it had started are abandoned now, not in RQ's minutes (RQ's
+    # own cleanup, with this queue's job class: nothing a job's hash names is called), and its scheduler's lock
+    # is free.
+    queue.started_job_registry.cleanup(timestamp=time.time() + 10**9)
+    scheduler = ThreadScheduler([queue], connection=r, serializer=JSONSerializer, logging_level="WARNING")
+    r.delete(scheduler.get_locking_key(queue.name))
     threads = [
         threading.Thread(target=_keep, args=(lease, stop), name="shellq-manager-lease", daemon=True),
-        threading.Thread(target=backend.supervise, args=(True, stop), name="shellq-manager-supervise", daemon=True),
+        threading.Thread(target=_supervise, args=(backend, stop), name="shellq-manager-supervise", daemon=True),
+        threading.Thread(target=_schedule, args=(scheduler, stop), name="shellq-manager-scheduler", daemon=True),
     ]
     for thread in threads:
         thread.start()
-    queue = jobs.manager_queue(r, host)
-    # Whoever held the lease before is dead: the jobs it had started are abandoned now, not in RQ's minutes, and
-    # its scheduler's lock is free.
-    StartedJobRegistry(queue=queue).cleanup(timestamp=time.time() + 10**9)
-    scheduler = ThreadScheduler([queue], connection=r, serializer=JSONSerializer, logging_level="WARNING")
-    r.delete(scheduler.get_locking_key(queue.name))
-    scheduler.acquire_locks()  # type: ignore[no-untyped-call]
-    threads.append(threading.Thread(target=scheduler.work, name="shellq-manager-scheduler", daemon=True))
-    threads[-1].start()
-    jobs.schedule_gc(r, host, gc_interval)
+    jobs.schedule_gc(r, host, gc_interval, restart=True)
     worker = ManagerWorker(
         [queue], connection=r, name=lease.worker, serializer=JSONSerializer, job_class=jobs.ManagerJob
     )
@@ -174,13 +200,38 @@ def run(
     try:
         worker.work(burst=burst, logging_level="WARNING")
     finally:
-        scheduler.request_stop()  # type: ignore[no-untyped-call]
         stop.set()
+        scheduler.request_stop()  # type: ignore[no-untyped-call]
         for thread in threads:
             thread.join(timeout=10)
         lease.release()
         backend.close()
     return 0
+
+
+def _supervise(backend: DockerBackend, stop: threading.Event) -> None:
+    """DockerBackend.supervise for every session, from now on, again after any error (a Docker restart, Redis
+    away, a session's odd key): supervision must not end while the manager runs."""
+    since = time.time()
+    while not stop.is_set():
+        try:
+            backend.supervise(every_session=True, stop=stop, since=since)
+        except Exception:
+            log.exception("supervision failed; watching again")
+            stop.wait(1)
+
+
+def _schedule(scheduler: ThreadScheduler, stop: threading.Event) -> None:
+    """RQ's scheduler loop, again after any error (Redis restarting): delayed retries and the gc chain depend
+    on it."""
+    while not stop.is_set():
+        try:
+            scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+            scheduler.work()  # type: ignore[no-untyped-call]
+        except Exception:
+            log.exception("RQ's scheduler failed; starting it again")
+            scheduler._stop_requested = False
+            stop.wait(1)
 
 
 def _keep(lease: Lease, stop: threading.Event) -> None:

@@ -11,12 +11,14 @@ commands, in a session and returns the result as a plain dict, so RQ chains step
 
 A command that does not end with exit code 0 fails its job (CommandFailedError; the job's `meta["result"]` holds
 its result), and RQ then leaves the steps that depend on it unrun. Each command is submitted with an id made from
-the job's id and its place in the list, idempotently: a job that RQ runs again (a retry, a worker that died) gets
-the results of the commands that already ran instead of running them twice.
+the job's id, its place in the list and its text, idempotently: a job that RQ runs again (a worker that died)
+gets the results of the commands that already ran instead of running them twice; after a failure, a retry runs
+the failed step and the ones after it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from producer.client import Client
@@ -56,14 +58,15 @@ def run(
     handle = client.session(session)
     batch = [commands] if isinstance(commands, str) else list(commands)
     results: list[dict[str, Any]] = []
+    failed_at, attempt = (job.meta.get("failed_at", len(batch)), job.meta.get("attempt", 0)) if job else (0, 0)
     try:
         for i, command in enumerate(batch):
-            cid = f"rq-{job.id}-{i}" if job else None
+            cid = _command_id(job.id, i, command, attempt if i >= failed_at else 0) if job else None
             r = handle.run(command, timeout=timeout, id=cid, idempotent=job is not None)
             results.append(result_dict(r))
             if check and not r.ok:
-                if job is not None:
-                    job.meta.update(result=results[-1], results=results)
+                if job is not None:  # a later run of this job runs this step and the rest again, under new ids
+                    job.meta.update(result=results[-1], results=results, failed_at=i, attempt=attempt + 1)
                     job.save_meta()  # type: ignore[no-untyped-call]
                 code = "" if r.exit_code is None else f"exit code {r.exit_code}"
                 why = r.error or (code if r.status == "completed" else f"{r.status}, {code}".rstrip(", "))
@@ -71,3 +74,10 @@ def run(
     finally:
         client.close()
     return results[0] if isinstance(commands, str) else results
+
+
+def _command_id(job_id: str, index: int, command: str, attempt: int) -> str:
+    """The id of a step's command: the job's id, its place, its text (a job id reused for another command is
+    another command) and, for the steps from a failed one on, the attempt (a retry runs them again)."""
+    digest = hashlib.sha256(command.encode()).hexdigest()[:12]
+    return f"rq-{job_id}-{index}-{digest}-{attempt}"

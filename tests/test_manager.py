@@ -20,6 +20,7 @@ import pytest
 import redis
 from helpers import ROOT, RedisServer, server_binaries, wait_for
 from rq import Callback, Queue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from containers import access, jobs
@@ -143,9 +144,15 @@ def test_manager_errors_come_back_as_shellq_errors(
         c.create_session(session_id, image="shellq-worker:absent")
     with pytest.raises(ConfigError, match=r"not under a path this manager allows \(--mount-allow\)"):
         c.create_session(session_id, image=image, mounts=["/etc:/host-etc:ro"])
-    for mount in ("/var/run:/r", "/run/docker.sock:/s"):  # allowed paths, but the engine's socket is there
-        with pytest.raises(ConfigError, match="never the Docker socket"):
-            c.create_session(session_id, image=image, mounts=[f"{allowed}/../allowed/data:/d", mount])
+    for mount in ("/run:/r", "/run/docker.sock:/s"):  # allowed paths, but the engine's socket is there
+        with pytest.raises(ConfigError, match=r"never the Docker socket|is a socket"):
+            c.create_session(session_id, image=image, mounts=[f"{allowed}/data:/d", mount])
+    (allowed / "link").symlink_to(tmp_path)  # inside the allowed path, pointing out of it
+    with pytest.raises(ConfigError, match=r"link is a symlink"):
+        c.create_session(session_id, image=image, mounts=[f"{allowed}/link:/x"])
+    for name in ("data:/x", f"{allowed}/../allowed/data:/x", f"{allowed}/absent:/x"):  # a volume name, `..`, none
+        with pytest.raises(ConfigError, match=r"absolute and plain|does not exist"):
+            c.create_session(session_id, image=image, mounts=[name])
     with pytest.raises(ConfigError, match="network 'host' is not allowed here"):
         c.create_session(session_id, image=image, network="host")
     with pytest.raises(SessionStartError, match=r"did not start[\s\S]*no-such-user"):  # the container's log
@@ -275,3 +282,23 @@ def test_cli_start_via_manager_and_info(
     assert host in text and session_id in text
     assert shellq("session", "stop", session_id).returncode == 0
     assert not containers_of(engine, session_id)
+
+
+def test_a_planted_abandoned_job_calls_nothing_when_a_manager_starts(
+    managers: Managers, server: RedisServer, host: str
+) -> None:
+    """A job hash in the manager's started registry with a failure callback (what the admin role, or a bug, can
+    leave): the next manager hands it to RQ's abandoned-job cleanup with shellq's job class, which calls no
+    callback (`builtins.print` would print the exception class into the manager's log)."""
+    r = server.client()
+    name = jobs.queue_name(host)
+    planted = Queue(name, connection=r, serializer=JSONSerializer).enqueue(
+        jobs.gc_sessions, on_failure=Callback("builtins.print")
+    )
+    Queue(name, connection=r, serializer=JSONSerializer).remove(planted.id)
+    planted.set_status(JobStatus.STARTED)
+    r.zadd(f"rq:wip:{name}", {f"{planted.id}:planted": 1})  # long expired: its worker is gone
+    managers.start(host)
+    wait_for(lambda: planted.get_status(refresh=True) in ("failed", "queued", "finished"), timeout=30)
+    time.sleep(1)
+    assert "<class 'rq.exceptions.AbandonedJobError'>" not in managers.log()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from helpers import RedisServer
-from rq import Queue, SimpleWorker
+from rq import Queue, Retry, SimpleWorker
 from rq.job import Job, JobStatus
 
 from producer.rq_jobs import run
@@ -72,3 +72,21 @@ def test_a_step_run_again_does_not_run_its_commands_twice(
     q.enqueue_job(Job.fetch(job.id, connection=q.connection))
     _work(q)
     assert [r["stdout"] for r in Job.fetch(job.id, connection=q.connection).return_value()] == ["1\n", "1\n"]
+
+
+def test_a_retried_failed_step_runs_again_and_the_steps_before_it_do_not(
+    redis_server: RedisServer, start_worker: Callable[..., Worker], session_id: str, monkeypatch: Any
+) -> None:
+    """RQ's Retry after a failed step: the failed step runs again (its cause is gone now), the step before it is
+    not repeated."""
+    monkeypatch.setenv("SHELLQ_REDIS_URL", redis_server.url)
+    start_worker(session_id)
+    q = _queue(redis_server, f"pipe-{session_id}")
+    job = q.enqueue(
+        run, session_id, ["n=$((n + 1)); echo $n", "test -f ready || { touch ready; false; }"], retry=Retry(max=1)
+    )
+    _work(q)  # the first try fails at step 2 and is retried at once (no interval)
+    job.refresh()
+    assert job.get_status(refresh=True) == JobStatus.FINISHED, job.meta
+    assert [r["exit_code"] for r in job.return_value()] == [0, 0]
+    assert job.return_value()[0]["stdout"] == "1\n"  # step 1 ran once
