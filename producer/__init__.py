@@ -18,6 +18,8 @@ from worker.errors import (
 
 __all__ = [
     "AccessDeniedError",
+    "AsyncClient",
+    "AsyncSession",
     "Client",
     "ClientSettings",
     "ConfigError",
@@ -33,3 +35,12 @@ __all__ = [
     "ShellqError",
     "WaitError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """AsyncClient and AsyncSession (producer/aio.py), imported when first asked for."""
+    if name in ("AsyncClient", "AsyncSession"):
+        from producer import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'producer' has no attribute {name!r}")

@@ -4,39 +4,30 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-from pydantic import Field, ValidationError
+from pydantic import Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from producer import core
 from producer.result import Result
 from worker import protocol
 from worker.errors import (
-    AccessDeniedError,
-    ConfigError,
-    InvalidRequestError,
     InvalidResultError,
     NoWorkerError,
-    QueueFullError,
-    RedisUnavailableError,
     ResultTimeoutError,
-    SessionStateLostError,
     ShellqError,
     WaitError,
 )
-from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError, EnvSettings
+from worker.protocol import CommandRequest, EnvSettings
 
-RUN_MARGIN = 30.0
-"""`run()` waits this much longer than the command's timeout before giving up on a result."""
-_READ_COUNT = 16
+RUN_MARGIN = core.RUN_MARGIN
 
 
 class ClientSettings(EnvSettings):
@@ -56,19 +47,7 @@ class ClientSettings(EnvSettings):
     """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
 
 
-@contextmanager
-def _redis_errors(url: str) -> Iterator[None]:
-    try:
-        yield
-    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:  # WRONGPASS, NOAUTH; NOPERM
-        raise AccessDeniedError(f"Redis at {_redact(url)} refused this user: {e}") from None
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise RedisUnavailableError(f"cannot reach Redis at {_redact(url)}: {e}") from e
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url
+_redis_errors = core.redis_errors
 
 
 class Client:
@@ -98,6 +77,24 @@ class Client:
     def session(self, session_id: str) -> Session:
         """A handle on a session's streams; nothing is checked or created until it is used."""
         return Session(self, session_id)
+
+    def run_many(self, items: Sequence[tuple[Any, ...]], timeout: float | None = None) -> list[Result | ShellqError]:
+        """Run many commands, on many sessions, at once: one pipelined round trip submits them all, then one
+        blocking read at a time waits on every result stream that still owes a result (re-armed as results come).
+
+        items: `(session, command)` or `(session, command, options)`, options being `run`'s keyword arguments
+        (`timeout`, `id`, `idempotent`, `env`, `cwd`); commands for one session run in the order given. timeout:
+        the execution limit of the items that give none (seconds; None: the worker's). Returns one entry per item,
+        in input order: its Result, or the ShellqError that item met in its place (NoWorkerError for a session no
+        worker serves, QueueFullError, ResultTimeoutError, InvalidRequestError for a malformed item...): each item
+        stands alone, and one session's trouble costs the others nothing. Errors are returned rather than given a
+        Result of their own, since a Result says what happened to a command in its shell, and these commands never
+        got there (or their outcome is unknown): `isinstance(r, Result)` tells them apart, and the error keeps its
+        type and its `cancelled`. A wait that gives up cancels that command as `run` does. Raises only for what
+        stops every item: RedisUnavailableError, AccessDeniedError."""
+        from producer.batch import run_many
+
+        return run_many(self, items, timeout)
 
     def create_session(
         self,
@@ -135,9 +132,10 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, *commands: tuple[Any, ...]) -> list[Any]:
+    def send(self, *commands: tuple[Any, ...], errors_in_place: bool = False) -> list[Any]:
         """Send `commands` pipelined on a connection of the client's own and return their raw replies, retrying a
-        connection that fails like every other call does (resending is safe: submits are idempotent by id).
+        connection that fails like every other call does (resending is safe: submits are idempotent by id). An
+        error reply raises redis.ResponseError, or with `errors_in_place` is returned in its place.
         Connections are made like the pool's, but kept in a plain list: taking one from redis-py's pool and giving
         it back cost more than the rest of a submit's client side."""
         try:
@@ -149,7 +147,7 @@ class Client:
         try:
             with _redis_errors(self.settings.redis_url):
                 replies: list[Any] = conn.retry.call_with_retry(
-                    lambda: _roundtrip(conn, *commands), lambda _: conn.disconnect()
+                    lambda: _roundtrip(conn, *commands, errors_in_place=errors_in_place), lambda _: conn.disconnect()
                 )
         finally:  # kept even after an error: its replies were all read, or it was disconnected and will reconnect
             self._idle.append(conn)
@@ -247,9 +245,14 @@ class Session:
 
     def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""
-        fields = protocol.encode(ControlRequest(op="interrupt", id=protocol.check_id(command_id, "command id")))
+        fields = core.interrupt_fields(command_id)
         with _redis_errors(self.client.settings.redis_url):
             self.client.redis.xadd(self.keys.ctl, fields, maxlen=1000, approximate=True)  # type: ignore[arg-type]
+
+    def worker_alive(self) -> bool:
+        """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and neither stopped nor
+        gone (its container died for good: DockerBackend.supervise)?"""
+        return core.alive(self._alive_reply(), self.client.settings.no_worker_after)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -262,78 +265,39 @@ class Session:
         env: dict[str, str] | None,
         cwd: str | None,
     ) -> CommandRequest:
-        body = cmd.encode() if isinstance(cmd, str) else cmd
-        if cid is not None:
-            protocol.check_id(cid, "command id")
-            if protocol.is_entry_id(cid):
-                raise ConfigError(f"command id {cid!r} looks like a stream entry id; pick another")
-        try:
-            req = CommandRequest(
-                id=cid or f"c-{secrets.token_hex(8)}",
-                cmd=body,
-                timeout=timeout,
-                env=env,
-                cwd=cwd,
-                idempotent=idempotent,
-            )
-        except ValidationError as e:
-            raise ConfigError(str(e)) from None
-        return req
+        return core.request(cmd, cid, timeout, idempotent, env, cwd)
 
     def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
         """FCALL shellq_submit, pipelined with a blocking read of the result stream when `read_from` is given."""
         assert req.id is not None
-        k, settings = self.keys, self.client.settings
-        fields = protocol.encode(req)
-        size = sum(len(name) + len(value) for name, value in fields.items())
-        if size > protocol.MAX_ENTRY_BYTES:
-            raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
-        submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 3, k.cmd, k.jrnl(req.id), k.seq)
-        submit += (protocol.CALLER, settings.journal_ttl, settings.queue_cap, req.id)
-        submit += tuple(x for kv in fields.items() for x in kv)
-        commands = [submit]
+        commands = [self._submit_call(req)]
         if read_from is not None:  # the journal is read once the blocked read returns: a result committed by then
-            commands.append(("XREAD", "COUNT", _READ_COUNT, "BLOCK", 1000, "STREAMS", k.res, read_from))
-            commands.append(self._journal(req.id))
+            commands += [core.read_call(self.keys, read_from, 1000), core.journal_call(self.keys, req.id)]
         replies = self.client.fcall(*commands)
-        outcome = int(replies[0][0])
-        if outcome == -1:
-            depth, cap = replies[0][1], replies[0][2]
-            raise QueueFullError(f"session {self.id} holds {depth} unfinished commands; its cap is {cap}")
-        if outcome == -2 and replies[0][1] == b"lost":
-            raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
-        if outcome == -2:
-            message = f"session {self.id}: its environment is gone (container exited); start it again"
-            raise NoWorkerError(message + f"; {req.id} was not queued", cancelled=True)
-        return req.id, bool(outcome), replies[1:] if read_from is not None else None
+        return req.id, self._submitted(req, replies[0]), replies[1:] if read_from is not None else None
+
+    def _submit_call(self, req: CommandRequest) -> tuple[Any, ...]:
+        settings = self.client.settings
+        return core.submit_call(self.keys, settings.journal_ttl, settings.queue_cap, req)
+
+    def _submitted(self, req: CommandRequest, reply: Any) -> bool:
+        return core.submitted(self.id, req, reply)
 
     def _tail(self) -> str:
         with _redis_errors(self.client.settings.redis_url):
             tail: Any = self.client.redis.xrevrange(self.keys.res, count=1)
-        return str(tail[0][0].decode()) if tail else "0-0"
+        return core.tail_id(tail)
 
     def _journal(self, command_id: str) -> tuple[Any, ...]:
-        """HMGET of what the command's journal says: the result entry its worker committed, why it was cancelled
-        before it started, its command entry."""
-        return ("HMGET", self.keys.jrnl(command_id), "res", "cancelled", "entry")
+        return core.journal_call(self.keys, command_id)
 
     def _found(self, command_id: str, read: Any, journal: Any) -> Result | None:
-        """The command's result if its journal (an HMGET reply of `_journal`) names one; `read` is the raw XREAD
-        reply sent before it in the same round trip, which usually holds the entry. The journal, written only in
-        the worker's commit, decides which entry is the result: an entry on the result stream that merely carries
-        the command's id is not it. A command cancelled before any worker took it is answered from the journal."""
-        newest = None
-        for eid, fields in protocol.stream_entries(read) if read else ():
-            newest = eid
-            if journal[0] is not None and eid == journal[0].decode():
-                self._last_seen = newest
-                return self._decode(command_id, eid, fields)
-        self._last_seen = newest or self._last_seen
-        if journal[0] is not None:
-            return self._read_result(command_id, journal[0].decode())
-        if journal[1] is not None:
-            return _cancelled(command_id, journal[2], journal[1])
-        return None
+        """core.found, fetching the result entry when the read did not hold it; remembers the newest entry seen."""
+        found = core.found(self.keys, command_id, read, journal)
+        self._last_seen = found.newest or self._last_seen
+        if found.fetch is not None:
+            return self._read_result(command_id, found.fetch)
+        return found.result
 
     def _read_result(self, command_id: str, rid: str) -> Result:
         """The result entry `rid` of `command_id` (XRANGE res rid rid)."""
@@ -341,19 +305,7 @@ class Session:
             entries: Any = self.client.redis.xrange(self.keys.res, rid, rid)
         if not entries:
             raise ShellqError(f"the result of {command_id} was trimmed from {self.keys.res}")
-        return self._decode(command_id, rid, entries[0][1])
-
-    def _decode(self, command_id: str, rid: str, fields: dict[bytes, bytes]) -> Result:
-        """A result entry as a Result; InvalidResultError naming the entry when it cannot be read or answers another
-        command (a journal pointed at the wrong entry)."""
-        where = f"result entry {rid} on {self.keys.res} (for command {command_id})"
-        try:
-            result = Result.from_wire(protocol.decode(CommandResult, fields))
-        except (DecodeError, ValidationError) as e:
-            raise InvalidResultError(f"{where} cannot be read: {e}") from None
-        if result.id != command_id:
-            raise InvalidResultError(f"{where} answers command {result.id!r}, not this one")
-        return result
+        return core.decode(self.keys, command_id, rid, entries[0][1])
 
     def _wait(self, command_id: str, deadline: float, cancel: bool = True) -> Result:
         """XREAD BLOCK the result stream in slices of at most a second until the result arrives; between slices,
@@ -366,7 +318,7 @@ class Session:
                 timeout = ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
                 return self._give_up(command_id, timeout, cancel)
             block = max(1, int(min(remaining, 1.0) * 1000))
-            read = ("XREAD", "COUNT", _READ_COUNT, "BLOCK", block, "STREAMS", self.keys.res, self._last_seen or "0-0")
+            read = core.read_call(self.keys, self._last_seen or "0-0", block)
             try:
                 found = self._found(command_id, *self.client.send(read, self._journal(command_id)))
                 if found:
@@ -384,73 +336,39 @@ class Session:
         outcome, rid = self._cancel(command_id, str(error))
         if outcome == "answered" and rid is not None:
             return self._read_result(command_id, rid)
-        if outcome == "cancelled":
-            raise type(error)(f"{error}; {command_id} had not started: it is cancelled and will never run", True)
-        if outcome == "started":
-            raise type(error)(
-                f"{error}; {command_id} had started (a worker took it): it is running or ran, and its result comes "
-                "when a worker commits it"
-            )
-        raise error
+        raise core.give_up_error(error, command_id, outcome)
 
     def _cancel(self, command_id: str, reason: str) -> tuple[str, str | None]:
         """FCALL shellq_cancel: mark the command cancelled in its journal unless a worker took it, in one atomic step
-        (no worker runs it after that; the one that takes it commits it `cancelled`). -> ("cancelled", None) |
-        ("answered", result id) | ("started", None) | ("unknown", None): the session never accepted this id (or its
-        journal expired)."""
-        k, settings = self.keys, self.client.settings
+        (no worker runs it after that; the one that takes it commits it `cancelled`). -> core.cancel_outcome, or
+        ("unknown", None): the session never accepted this id (or its journal expired)."""
+        settings = self.client.settings
         with _redis_errors(settings.redis_url):
-            raw: Any = self.client.redis.hget(k.jrnl(command_id), "entry")
+            raw: Any = self.client.redis.hget(self.keys.jrnl(command_id), "entry")
         if raw is None:
             return "unknown", None
-        call: tuple[Any, ...] = ("FCALL", "shellq_cancel", 2, k.cmd, k.jrnl(command_id))
-        call += (protocol.CALLER, protocol.GROUP, raw.decode(), settings.journal_ttl, reason)
-        (reply,) = self.client.fcall(call)
-        outcome = {1: "cancelled", 3: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")
-        return outcome, reply[1].decode() if outcome == "answered" else None
+        (reply,) = self.client.fcall(
+            core.cancel_call(self.keys, settings.journal_ttl, command_id, raw.decode(), reason)
+        )
+        return core.cancel_outcome(reply)
 
-    def worker_alive(self) -> bool:
-        """Is a worker serving this session: a heartbeat within `no_worker_after` seconds, and neither stopped nor
-        gone (its container died for good: DockerBackend.supervise)?"""
-        age, state = self._heartbeat()
-        return age is not None and age <= self.client.settings.no_worker_after and state not in ("stopped", "gone")
-
-    def _heartbeat(self) -> tuple[float | None, str | None]:
-        """FCALL_RO shellq_alive: seconds since the last heartbeat (by the server's clock) and the worker's state."""
+    def _alive_reply(self) -> Any:
+        """FCALL_RO shellq_alive (loading the library if Redis came back empty)."""
         self.client.ensure_functions()
         with _redis_errors(self.client.settings.redis_url):
             try:
-                reply: Any = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta, protocol.CALLER)
+                return self.client.redis.execute_command(*core.alive_call(self.keys))  # type: ignore[no-untyped-call]
             except redis.ResponseError as e:
                 if refusal := protocol.version_refusal(e):
                     raise refusal from None
                 if "Function not found" not in str(e):
                     raise
                 self.client.ensure_functions(again=True)
-                reply = self.client.redis.fcall_ro("shellq_alive", 1, self.keys.meta, protocol.CALLER)
-        now_ms, beat, state = reply
-        return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
+                return self.client.redis.execute_command(*core.alive_call(self.keys))  # type: ignore[no-untyped-call]
 
     def _check_worker(self) -> None:
         """Raise NoWorkerError when the session's heartbeat is missing or too old, or its worker stopped."""
-        age, state = self._heartbeat()
-        limit = self.client.settings.no_worker_after
-        if state == "lost":
-            raise SessionStateLostError(f"session {self.id}: Redis lost its state; its worker stopped")
-        if state == "gone":
-            raise NoWorkerError(f"session {self.id}: its environment is gone (container exited)")
-        if age is None:
-            raise NoWorkerError(f"no worker has ever served session {self.id}")
-        if age > limit or state == "stopped":
-            raise NoWorkerError(f"no worker serves session {self.id}: last heartbeat {age:.1f}s ago ({state})")
-
-
-def _cancelled(command_id: str, entry_id: bytes | None, reason: bytes) -> Result:
-    """The result of a command a producer cancelled before any worker took it, as its journal tells it (the worker
-    that takes it later commits the same on the result stream)."""
-    error = protocol.cancelled_error(reason.decode(errors="replace"))
-    entry = entry_id.decode() if entry_id else ""
-    return Result.from_wire(CommandResult(id=command_id, entry_id=entry, status="cancelled", error=error))
+        core.check_worker(self.id, self._alive_reply(), self.client.settings.no_worker_after)
 
 
 def _disconnect(client: redis.Redis, idle: list[Any]) -> None:
@@ -459,7 +377,7 @@ def _disconnect(client: redis.Redis, idle: list[Any]) -> None:
     client.close()
 
 
-def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
+def _roundtrip(conn: Any, *commands: tuple[Any, ...], errors_in_place: bool = False) -> list[Any]:
     """Send `commands` in one write on `conn` (a redis-py connection) and read their replies, as a pipeline would
     but without redis-py's client layer (80 µs a call on the hot path). Replies are raw (RESP3 once the connection
     said HELLO 3); the first error reply is raised once every reply has been read. A connection or timeout error
@@ -472,10 +390,10 @@ def _roundtrip(conn: Any, *commands: tuple[Any, ...]) -> list[Any]:
                 replies.append(conn.read_response())
             except redis.ResponseError as e:
                 error = error or e
-                replies.append(None)
+                replies.append(e if errors_in_place else None)
     except BaseException:  # unread replies would answer the next call: start that one on a new connection
         conn.disconnect()
         raise
-    if error is not None:
+    if error is not None and not errors_in_place:
         raise error
     return replies

@@ -1,0 +1,379 @@
+"""The async twin of producer/client.py on redis.asyncio: `AsyncClient` and `AsyncSession`, with the names and
+semantics of `Client` and `Session` (`run`, `submit`, `result`, `interrupt`, `worker_alive`, `run_many`), `aclose()`
+and `async with`. What they send and how they read the replies comes from producer/core.py, shared with the sync
+twin; only the waiting is their own (`await`, never a blocking call).
+
+Cancelling a task that awaits a result never loses it: the command keeps its one result in Redis, and a later
+`result(id)` finds it (a cancelled read closes its connection, so no reply is left for the next call to misread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from producer import batch, core
+from producer.client import ClientSettings
+from producer.result import Result
+from worker import protocol
+from worker.errors import (
+    InvalidResultError,
+    NoWorkerError,
+    RedisUnavailableError,
+    ResultTimeoutError,
+    SessionStateLostError,
+    ShellqError,
+    WaitError,
+)
+from worker.protocol import CommandRequest
+
+MAX_CONNECTIONS = 10_000
+"""Connections one AsyncClient may open: each awaited result holds one while it waits (a blocking read), so a loop
+that awaits 200 sessions at once needs 200 (redis.asyncio's default pool stops at 100). Redis's own `maxclients`
+is 10,000 by default."""
+
+
+class AsyncClient:
+    """A connection pool to the Redis that holds the sessions, for one event loop."""
+
+    def __init__(self, url: str | None = None, *, settings: ClientSettings | None = None) -> None:
+        self.settings = settings or ClientSettings.from_env(redis_url=url)
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5 + math.ceil(self.settings.retry_for))
+        self.redis = redis.asyncio.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=30,
+            socket_connect_timeout=2,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            max_connections=MAX_CONNECTIONS,
+        )
+        self._functions_loaded = False
+
+    @classmethod
+    def from_env(cls) -> AsyncClient:
+        """A client for SHELLQ_REDIS_URL."""
+        return cls()
+
+    def session(self, session_id: str) -> AsyncSession:
+        """A handle on a session's streams (nothing is sent); ConfigError for an invalid id."""
+        return AsyncSession(self, protocol.check_id(session_id, "session id"))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run_many(
+        self, items: Sequence[tuple[Any, ...]], timeout: float | None = None
+    ) -> list[Result | ShellqError]:
+        """Client.run_many's twin: one pipelined submit, then blocking reads over every result stream that still
+        owes a result; one entry per item, in input order, a Result or the ShellqError that item met."""
+        return await _run_many(self, items, timeout)
+
+    async def send(self, *commands: tuple[Any, ...], errors_in_place: bool = False) -> list[Any]:
+        """Send `commands` pipelined on one connection and return their raw replies (Client.send's twin): an error
+        reply raises redis.ResponseError, or with `errors_in_place` is returned in its place. A connection error is
+        retried with backoff for `retry_for` seconds (resending is safe: submits are idempotent by id)."""
+        deadline = time.monotonic() + self.settings.retry_for
+        delay = 0.05
+        while True:
+            try:
+                with core.redis_errors(self.settings.redis_url):
+                    return await self._roundtrip(commands, errors_in_place)
+            except RedisUnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    async def _roundtrip(self, commands: tuple[tuple[Any, ...], ...], errors_in_place: bool) -> list[Any]:
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            error: redis.ResponseError | None = None
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.ResponseError as e:
+                    error = error or e
+                    replies.append(e if errors_in_place else None)
+        except BaseException:  # cancelled or failed half way: unread replies must not answer the next call
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        if error is not None and not errors_in_place:
+            raise error
+        return replies
+
+    async def fcall(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """`send` commands that call shellq's functions, loading the library first (and again after Redis answered
+        "Function not found"). ConfigError for a library of another version."""
+        await self.ensure_functions()
+        for attempt in (1, 2):
+            try:
+                return await self.send(*commands)
+            except redis.ResponseError as e:
+                if refusal := protocol.version_refusal(e):
+                    raise refusal from None
+                if "Function not found" not in str(e) or attempt == 2:
+                    raise
+                await self.ensure_functions(again=True)
+        raise AssertionError("unreachable")
+
+    async def ensure_functions(self, again: bool = False) -> None:
+        """protocol.load_functions, run in a thread with a short-lived sync client (it happens once per client)."""
+        if again or not self._functions_loaded:
+            await asyncio.to_thread(_load_functions, self.settings.redis_url)
+            self._functions_loaded = True
+
+
+def _load_functions(url: str) -> None:
+    with core.redis_errors(url), redis.Redis.from_url(url, socket_timeout=10) as r:
+        protocol.load_functions(r.execute_command, redis.ResponseError)
+
+
+class AsyncSession:
+    """One session, for one event loop: Session's twin."""
+
+    def __init__(self, client: AsyncClient, session_id: str) -> None:
+        self.client = client
+        self.id = session_id
+        self.keys = protocol.keys(session_id)
+        self._last_seen: str | None = None
+
+    async def submit(
+        self,
+        cmd: str | bytes,
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> str:
+        """Queue a command and return its id (Session.submit)."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd)
+        return (await self._submit(req, read_from=None))[0]
+
+    async def run(
+        self,
+        cmd: str | bytes,
+        timeout: float | None = None,
+        *,
+        id: str | None = None,
+        idempotent: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Result:
+        """Submit a command and wait for its result (Session.run: the same timeouts, errors and cancellation)."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd)
+        deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
+        if self._last_seen is None:
+            self._last_seen = core.tail_id((await self.client.send(core.tail_call(self.keys)))[0])
+        cid, new, reply = await self._submit(req, read_from=self._last_seen)
+        if not new:
+            return await self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            found = await self._found(cid, *reply)
+        except InvalidResultError as e:
+            return await self._give_up(cid, e, cancel=True)
+        return found or await self._wait(cid, deadline)
+
+    async def result(self, command_id: str, timeout: float = 60.0, *, cancel: bool = True) -> Result:
+        """The result of a command, waiting up to `timeout` seconds (Session.result)."""
+        deadline = time.monotonic() + timeout
+        journal, tail = await self.client.send(core.journal_call(self.keys, command_id), core.tail_call(self.keys))
+        if found := await self._found(command_id, None, journal):
+            return found
+        self._last_seen = core.tail_id(tail)
+        return await self._wait(command_id, deadline, cancel)
+
+    async def interrupt(self, command_id: str) -> None:
+        """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""
+        fields = core.interrupt_fields(command_id)
+        flat = [x for kv in fields.items() for x in kv]
+        await self.client.send(("XADD", self.keys.ctl, "MAXLEN", "~", 1000, "*", *flat))
+
+    async def worker_alive(self) -> bool:
+        """Session.worker_alive."""
+        return core.alive(await self._alive_reply(), self.client.settings.no_worker_after)
+
+    # -- internals: Session's, with await ------------------------------------------------------------------------
+
+    async def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
+        assert req.id is not None
+        settings = self.client.settings
+        commands = [core.submit_call(self.keys, settings.journal_ttl, settings.queue_cap, req)]
+        if read_from is not None:
+            commands += [core.read_call(self.keys, read_from, 1000), core.journal_call(self.keys, req.id)]
+        replies = await self.client.fcall(*commands)
+        return req.id, core.submitted(self.id, req, replies[0]), replies[1:] if read_from is not None else None
+
+    async def _found(self, command_id: str, read: Any, journal: Any) -> Result | None:
+        found = core.found(self.keys, command_id, read, journal)
+        self._last_seen = found.newest or self._last_seen
+        if found.fetch is not None:
+            return await self._read_result(command_id, found.fetch)
+        return found.result
+
+    async def _read_result(self, command_id: str, rid: str) -> Result:
+        (entries,) = await self.client.send(("XRANGE", self.keys.res, rid, rid))
+        if not entries:
+            raise ShellqError(f"the result of {command_id} was trimmed from {self.keys.res}")
+        (_, fields), *_ = protocol.stream_entries({self.keys.res: entries})
+        return core.decode(self.keys, command_id, rid, fields)
+
+    async def _wait(self, command_id: str, deadline: float, cancel: bool = True) -> Result:
+        started = time.monotonic()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timeout = ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+                return await self._give_up(command_id, timeout, cancel)
+            block = max(1, int(min(remaining, 1.0) * 1000))
+            read = core.read_call(self.keys, self._last_seen or "0-0", block)
+            try:
+                replies = await self.client.send(read, core.journal_call(self.keys, command_id))
+                if found := await self._found(command_id, *replies):
+                    return found
+                if time.monotonic() - started >= self.client.settings.no_worker_after:
+                    await self._check_worker()
+            except (NoWorkerError, InvalidResultError) as e:
+                return await self._give_up(command_id, e, cancel)
+
+    async def _give_up(self, command_id: str, error: WaitError, cancel: bool) -> Result:
+        if not cancel:
+            raise error
+        outcome, rid = await self._cancel(command_id, str(error))
+        if outcome == "answered" and rid is not None:
+            return await self._read_result(command_id, rid)
+        raise core.give_up_error(error, command_id, outcome)
+
+    async def _cancel(self, command_id: str, reason: str) -> tuple[str, str | None]:
+        (raw,) = await self.client.send(("HGET", self.keys.jrnl(command_id), "entry"))
+        if raw is None:
+            return "unknown", None
+        call = core.cancel_call(self.keys, self.client.settings.journal_ttl, command_id, raw.decode(), reason)
+        (reply,) = await self.client.fcall(call)
+        return core.cancel_outcome(reply)
+
+    async def _alive_reply(self) -> Any:
+        return (await self.client.fcall(core.alive_call(self.keys)))[0]
+
+    async def _check_worker(self) -> None:
+        core.check_worker(self.id, await self._alive_reply(), self.client.settings.no_worker_after)
+
+
+# -- run_many -----------------------------------------------------------------------------------------------------
+
+
+async def _run_many(client: AsyncClient, items: Sequence[tuple[Any, ...]], timeout: float | None) -> list[Any]:
+    """producer/batch.py's run_many, awaited: the same planning, commands and bookkeeping."""
+    out: list[Any] = [None] * len(items)
+    sessions: dict[str, AsyncSession] = {}
+    planned: list[tuple[int, AsyncSession, CommandRequest, tuple[Any, ...]]] = []
+    settings = client.settings
+    for i, item in enumerate(items):
+        try:
+            sid, req = batch.plan(item, timeout)
+            session = sessions.setdefault(sid, client.session(sid))
+            call = core.submit_call(session.keys, settings.journal_ttl, settings.queue_cap, req)
+        except ShellqError as e:
+            out[i] = e
+            continue
+        planned.append((i, session, req, call))
+    if not planned:
+        return out
+    order = list(dict.fromkeys(s.id for _, s, _, _ in planned))
+    await client.ensure_functions()
+    commands = [core.tail_call(sessions[sid].keys) for sid in order] + [call for *_, call in planned]
+    replies = await client.send(*commands, errors_in_place=True)
+    for sid, tail in zip(order, replies, strict=False):
+        sessions[sid]._last_seen = "0-0" if isinstance(tail, Exception) else core.tail_id(tail)
+    now = time.monotonic()
+    pending: list[batch.Pending] = []
+    for (i, session, req, _), reply in zip(planned, replies[len(order) :], strict=True):
+        try:
+            core.submitted(session.id, req, reply)
+        except ShellqError as e:
+            out[i] = e
+            continue
+        limit = req.timeout or settings.default_timeout
+        pending.append(batch.Pending(i, session, str(req.id), now + limit + core.RUN_MARGIN))
+    while pending:
+        pending = await _wait_round(client, pending, out)
+    return out
+
+
+async def _wait_round(client: AsyncClient, pending: list[batch.Pending], out: list[Any]) -> list[batch.Pending]:
+    """batch._wait_round, awaited."""
+    now = time.monotonic()
+    still = []
+    for p in pending:
+        if now >= p.deadline:
+            out[p.index] = await _give_up(p, ResultTimeoutError(f"no result for {p.command_id} on {p.session.id}"))
+        else:
+            still.append(p)
+    if not still:
+        return []
+    streams = {p.session.id: p.session for p in still}
+    block = max(1, int(min(1.0, min(p.deadline for p in still) - now) * 1000))
+    read: tuple[Any, ...] = ("XREAD", "COUNT", core.READ_COUNT, "BLOCK", block, "STREAMS")
+    read += tuple(s.keys.res for s in streams.values()) + tuple(s._last_seen or "0-0" for s in streams.values())
+    got = await client.send(read, *(core.journal_call(p.session.keys, p.command_id) for p in still))
+    by_key = batch.by_stream(got[0])
+    left = []
+    for p, journal in zip(still, got[1:], strict=True):
+        try:
+            found = await p.session._found(p.command_id, by_key.get(p.session.keys.res), journal)
+        except ShellqError as e:
+            out[p.index] = e
+            continue
+        if found is not None:
+            out[p.index] = found
+        else:
+            left.append(p)
+    return await _check_workers(client, left, out)
+
+
+async def _check_workers(client: AsyncClient, pending: list[batch.Pending], out: list[Any]) -> list[batch.Pending]:
+    """batch._check_workers, awaited."""
+    now, limit = time.monotonic(), client.settings.no_worker_after
+    due = {p.session.id: p.session for p in pending if now - p.started >= limit}
+    dead = set()
+    for sid, session in due.items():
+        try:
+            await session._check_worker()
+        except (NoWorkerError, SessionStateLostError):
+            dead.add(sid)
+    left = []
+    for p in pending:
+        if p.session.id in dead:
+            out[p.index] = await _give_up(p, NoWorkerError(f"no worker serves session {p.session.id}"))
+        else:
+            if p.session.id in due:
+                p.started = now
+            left.append(p)
+    return left
+
+
+async def _give_up(p: batch.Pending, error: WaitError) -> Any:
+    try:
+        return await p.session._give_up(p.command_id, error, cancel=True)
+    except ShellqError as e:
+        return e

@@ -1,0 +1,226 @@
+"""What the sync and async producers share, with no I/O: the commands they send (submit, read, journal, cancel),
+what the replies mean, and the errors they raise. `Client` (producer/client.py) and `AsyncClient`
+(producer/aio.py) only move these over their connections, so the twins cannot drift apart."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from producer.result import Result
+from worker import protocol
+from worker.errors import (
+    AccessDeniedError,
+    ConfigError,
+    InvalidRequestError,
+    InvalidResultError,
+    NoWorkerError,
+    QueueFullError,
+    RedisReplyError,
+    RedisUnavailableError,
+    SessionStateLostError,
+    WaitError,
+)
+from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError
+
+RUN_MARGIN = 30.0
+"""`run()` waits this much longer than the command's timeout before giving up on a result."""
+READ_COUNT = 16
+"""Result entries one read returns at most."""
+
+
+@contextmanager
+def redis_errors(url: str) -> Iterator[None]:
+    """redis-py's (and redis.asyncio's) errors as shellq's: AccessDeniedError, RedisUnavailableError."""
+    try:
+        yield
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:  # WRONGPASS, NOAUTH; NOPERM
+        raise AccessDeniedError(f"Redis at {redact(url)} refused this user: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}: {e}") from e
+
+
+def redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url
+
+
+def request(
+    cmd: str | bytes,
+    cid: str | None,
+    timeout: float | None,
+    idempotent: bool,
+    env: dict[str, str] | None,
+    cwd: str | None,
+) -> CommandRequest:
+    """A command request; ConfigError for a bad id or option."""
+    body = cmd.encode() if isinstance(cmd, str) else cmd
+    if cid is not None:
+        protocol.check_id(cid, "command id")
+        if protocol.is_entry_id(cid):
+            raise ConfigError(f"command id {cid!r} looks like a stream entry id; pick another")
+    try:
+        return CommandRequest(
+            id=cid or f"c-{secrets.token_hex(8)}", cmd=body, timeout=timeout, env=env, cwd=cwd, idempotent=idempotent
+        )
+    except ValidationError as e:
+        raise ConfigError(str(e)) from None
+
+
+def submit_call(keys: protocol.Keys, journal_ttl: int, queue_cap: int, req: CommandRequest) -> tuple[Any, ...]:
+    """The FCALL shellq_submit of `req`; InvalidRequestError for an entry over the size limit."""
+    assert req.id is not None
+    fields = protocol.encode(req)
+    size = sum(len(name) + len(value) for name, value in fields.items())
+    if size > protocol.MAX_ENTRY_BYTES:
+        raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
+    submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 3, keys.cmd, keys.jrnl(req.id), keys.seq)
+    submit += (protocol.CALLER, journal_ttl, queue_cap, req.id)
+    return submit + tuple(x for kv in fields.items() for x in kv)
+
+
+def submitted(session_id: str, req: CommandRequest, reply: Any) -> bool:
+    """What shellq_submit answered: True when the command was queued now, False when its id was accepted before.
+    Raises QueueFullError, SessionStateLostError, NoWorkerError (the session is gone), and, for an error reply in
+    its place, ConfigError (another version's library) or RedisReplyError."""
+    if isinstance(reply, redis.ResponseError):
+        raise protocol.version_refusal(reply) or RedisReplyError(f"session {session_id}: {reply}")
+    outcome = int(reply[0])
+    if outcome == -1:
+        raise QueueFullError(f"session {session_id} holds {reply[1]} unfinished commands; its cap is {reply[2]}")
+    if outcome == -2 and reply[1] == b"lost":
+        raise SessionStateLostError(f"session {session_id}: Redis lost its state; its worker stopped")
+    if outcome == -2:
+        message = f"session {session_id}: its environment is gone (container exited); start it again"
+        raise NoWorkerError(message + f"; {req.id} was not queued", cancelled=True)
+    return bool(outcome)
+
+
+def journal_call(keys: protocol.Keys, command_id: str) -> tuple[Any, ...]:
+    """HMGET of what a command's journal says: the result entry its worker committed, why it was cancelled before
+    it started, its command entry."""
+    return ("HMGET", keys.jrnl(command_id), "res", "cancelled", "entry")
+
+
+def read_call(keys: protocol.Keys, after: str, block_ms: int) -> tuple[Any, ...]:
+    return ("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms, "STREAMS", keys.res, after)
+
+
+def tail_call(keys: protocol.Keys) -> tuple[Any, ...]:
+    return ("XREVRANGE", keys.res, "+", "-", "COUNT", 1)
+
+
+def tail_id(reply: Any) -> str:
+    """The newest entry id of a `tail_call` reply ("0-0" for an empty stream)."""
+    return str(reply[0][0].decode()) if reply else "0-0"
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a read and a journal say about a command: its result, or the result entry still to be fetched
+    (`fetch`), or nothing yet; and the newest entry the read saw (`newest`, None when it saw none)."""
+
+    result: Result | None
+    fetch: str | None
+    newest: str | None
+
+
+def found(keys: protocol.Keys, command_id: str, read: Any, journal: Any) -> Found:
+    """The command's result if its journal (a `journal_call` reply) names one; `read` is the raw XREAD reply sent
+    before it in the same round trip, which usually holds the entry. The journal, written only in the worker's
+    commit, decides which entry is the result: an entry that merely carries the command's id is not it. A command
+    cancelled before any worker took it is answered from the journal. InvalidResultError for an unreadable entry."""
+    newest = None
+    for eid, fields in protocol.stream_entries(read) if read else ():
+        newest = eid
+        if journal[0] is not None and eid == journal[0].decode():
+            return Found(decode(keys, command_id, eid, fields), None, newest)
+    if journal[0] is not None:
+        return Found(None, journal[0].decode(), newest)
+    if journal[1] is not None:
+        return Found(cancelled(command_id, journal[2], journal[1]), None, newest)
+    return Found(None, None, newest)
+
+
+def decode(keys: protocol.Keys, command_id: str, rid: str, fields: dict[bytes, bytes]) -> Result:
+    """A result entry as a Result; InvalidResultError naming the entry when it cannot be read or answers another
+    command (a journal pointed at the wrong entry)."""
+    where = f"result entry {rid} on {keys.res} (for command {command_id})"
+    try:
+        result = Result.from_wire(protocol.decode(CommandResult, fields))
+    except (DecodeError, ValidationError) as e:
+        raise InvalidResultError(f"{where} cannot be read: {e}") from None
+    if result.id != command_id:
+        raise InvalidResultError(f"{where} answers command {result.id!r}, not this one")
+    return result
+
+
+def cancelled(command_id: str, entry_id: bytes | None, reason: bytes) -> Result:
+    """The result of a command a producer cancelled before any worker took it, as its journal tells it (the worker
+    that takes it later commits the same on the result stream)."""
+    error = protocol.cancelled_error(reason.decode(errors="replace"))
+    entry = entry_id.decode() if entry_id else ""
+    return Result.from_wire(CommandResult(id=command_id, entry_id=entry, status="cancelled", error=error))
+
+
+def cancel_call(keys: protocol.Keys, journal_ttl: int, command_id: str, entry: str, reason: str) -> tuple[Any, ...]:
+    jrnl = keys.jrnl(command_id)
+    return ("FCALL", "shellq_cancel", 2, keys.cmd, jrnl, protocol.CALLER, protocol.GROUP, entry, journal_ttl, reason)
+
+
+def cancel_outcome(reply: Any) -> tuple[str, str | None]:
+    """shellq_cancel's reply -> ("cancelled", None) | ("answered", result id) | ("started", None) | ("unknown",
+    None)."""
+    outcome = {1: "cancelled", 3: "cancelled", 0: "answered", 2: "started"}.get(int(reply[0]), "unknown")
+    return outcome, reply[1].decode() if outcome == "answered" else None
+
+
+def give_up_error(error: WaitError, command_id: str, outcome: str) -> WaitError:
+    """The error a wait that gave up raises, saying what became of the command (`cancel_outcome`)."""
+    if outcome == "cancelled":
+        return type(error)(f"{error}; {command_id} had not started: it is cancelled and will never run", True)
+    if outcome == "started":
+        return type(error)(
+            f"{error}; {command_id} had started (a worker took it): it is running or ran, and its result comes "
+            "when a worker commits it"
+        )
+    return error
+
+
+def interrupt_fields(command_id: str) -> dict[str, bytes]:
+    return protocol.encode(ControlRequest(op="interrupt", id=protocol.check_id(command_id, "command id")))
+
+
+def check_worker(session_id: str, reply: Any, limit: float) -> None:
+    """Raise NoWorkerError (or SessionStateLostError) from a shellq_alive reply: no heartbeat within `limit`
+    seconds, the worker stopped, the session's environment gone."""
+    age, state = heartbeat(reply)
+    if state == "lost":
+        raise SessionStateLostError(f"session {session_id}: Redis lost its state; its worker stopped")
+    if state == "gone":
+        raise NoWorkerError(f"session {session_id}: its environment is gone (container exited)")
+    if age is None:
+        raise NoWorkerError(f"no worker has ever served session {session_id}")
+    if age > limit or state == "stopped":
+        raise NoWorkerError(f"no worker serves session {session_id}: last heartbeat {age:.1f}s ago ({state})")
+
+
+def heartbeat(reply: Any) -> tuple[float | None, str | None]:
+    """A shellq_alive reply -> seconds since the last heartbeat (by the server's clock) and the worker's state."""
+    now_ms, beat, state = reply
+    return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
+
+
+def alive(reply: Any, limit: float) -> bool:
+    age, state = heartbeat(reply)
+    return age is not None and age <= limit and state not in ("stopped", "gone")
+
+
+def alive_call(keys: protocol.Keys) -> tuple[Any, ...]:
+    return ("FCALL_RO", "shellq_alive", 1, keys.meta, protocol.CALLER)
