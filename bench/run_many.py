@@ -9,12 +9,15 @@ worker and its bash each). Each round times, in a rotating order (no side always
                result streams
   sequential   for s in sessions: s.run("true")
   threads      a ThreadPoolExecutor with one thread per session, each s.run("true") (one shared Client)
+  async        one event loop: asyncio.gather of AsyncSession.run("true") on every session (one AsyncClient)
+  async_many   AsyncClient.run_many of the same items
 Reported: wall time of the whole batch per round (ms), the median over rounds, and commands per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from roundtrip import start_redis
 
-from producer import Client, Result
+from producer import AsyncClient, Client, Result
 
 
 def start_worker(work: Path, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -48,23 +51,34 @@ def measure(client: Client, names: list[str], rounds: int) -> dict[str, list[flo
         if time.monotonic() > deadline:
             raise SystemExit("the workers did not come up in 120 s")
         time.sleep(0.2)
-    times: dict[str, list[float]] = {"run_many": [], "sequential": [], "threads": []}
+    times: dict[str, list[float]] = {"run_many": [], "sequential": [], "threads": [], "async": [], "async_many": []}
+    loop = asyncio.new_event_loop()
+    aclient = AsyncClient(client.settings.redis_url)
+    asessions = [aclient.session(n) for n in names]
+
+    async def gather() -> list[Result]:
+        return list(await asyncio.gather(*(s.run("true") for s in asessions)))
+
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
         sides = {
             "run_many": lambda: client.run_many([(n, "true") for n in names]),
             "sequential": lambda: [s.run("true") for s in sessions],
             "threads": lambda: list(pool.map(lambda s: s.run("true"), sessions)),
+            "async": lambda: loop.run_until_complete(gather()),
+            "async_many": lambda: loop.run_until_complete(aclient.run_many([(n, "true") for n in names])),
         }
         for warm in sides.values():  # connections, threads, the functions library
             warm()
         order = list(sides)
         for r in range(rounds):
-            for name in order[r % 3 :] + order[: r % 3]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 started = time.perf_counter()
                 results = sides[name]()
                 times[name].append((time.perf_counter() - started) * 1000)
                 bad = [x for x in results if not (isinstance(x, Result) and x.ok)]
                 assert not bad, bad[:3]
+    loop.run_until_complete(aclient.aclose())
+    loop.close()
     return times
 
 
