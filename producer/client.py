@@ -199,7 +199,7 @@ class Session:
     ) -> str:
         """Queue a command and return its id at once. Submitting an id that was accepted before returns that id
         again without queueing anything (retries are safe)."""
-        return self._submit(self._request(cmd, id, timeout, idempotent, env, cwd), read_from=None)[0]
+        return self._submit(core.request(cmd, id, timeout, idempotent, env, cwd), read_from=None)[0]
 
     def run(
         self,
@@ -218,7 +218,7 @@ class Session:
         it, `cancelled` is False (it is running or ran); if its result came meanwhile, that result is returned.
         Raises SessionStateLostError, QueueFullError, ConfigError, InvalidRequestError, InvalidResultError (a result
         entry that cannot be read) and RedisUnavailableError as well."""
-        req = self._request(cmd, id, timeout, idempotent, env, cwd)
+        req = core.request(cmd, id, timeout, idempotent, env, cwd)
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = self._tail()
@@ -255,17 +255,6 @@ class Session:
         return core.alive(self._alive_reply(), self.client.settings.no_worker_after)
 
     # -- internals ----------------------------------------------------------------------------------------------
-
-    def _request(
-        self,
-        cmd: str | bytes,
-        cid: str | None,
-        timeout: float | None,
-        idempotent: bool,
-        env: dict[str, str] | None,
-        cwd: str | None,
-    ) -> CommandRequest:
-        return core.request(cmd, cid, timeout, idempotent, env, cwd)
 
     def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
         """FCALL shellq_submit, pipelined with a blocking read of the result stream when `read_from` is given."""
