@@ -74,6 +74,7 @@ class Lease:
             time.sleep(1)
 
     def _take_from(self, old: bytes) -> None:
+        """Delete the lease if it still holds `old` (a GET and a DELETE under WATCH)."""
         with self.r.pipeline() as pipe:
             try:
                 pipe.watch(self.key)  # type: ignore[no-untyped-call]
@@ -99,15 +100,7 @@ class Lease:
                 return False
 
     def release(self) -> None:
-        with self.r.pipeline() as pipe:
-            try:
-                pipe.watch(self.key)  # type: ignore[no-untyped-call]
-                if pipe.get(self.key) == self.value.encode():
-                    pipe.multi()
-                    pipe.delete(self.key)
-                    pipe.execute()
-            except redis.WatchError:
-                pass
+        self._take_from(self.value.encode())
 
 
 def _process_identity(pid: int) -> str | None:
