@@ -12,6 +12,8 @@ Measures, on this machine:
   stream echo  a bare Redis-stream request/response: XADD to a stream, an echo process XREAD BLOCKs it and XADDs a
                reply that the client XREAD BLOCKs (no shell): the floor of this design
   shellq       Session.run("true") through Redis with a local worker subprocess (full protocol)
+  live off     the same with a second worker that publishes no live output (SHELLQ_LIVE_OUTPUT=false); the two
+               are timed in turns, one command each, so drift on the machine weighs on both alike
 and the worker's RSS while idle. Redis is a private redis-server (or valkey-server) with AOF on.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -91,13 +94,25 @@ def timed(fn: Callable[[], object], runs: int, warmup: int = 50) -> list[float]:
     return out
 
 
+def alternating(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 50) -> dict[str, list[float]]:
+    """Time each call `runs` times, taking them in turns."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + runs):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[name].append((time.perf_counter() - t) * 1000)
+    return out
+
+
 def summary(ms: list[float]) -> dict[str, float]:
     s = sorted(ms)
     return {
         "n": len(s),
         "p50": statistics.median(s),
-        "p95": s[int(len(s) * 0.95) - 1],
-        "p99": s[int(len(s) * 0.99) - 1],
+        "p95": s[math.ceil(len(s) * 0.95) - 1],  # nearest rank
+        "p99": s[math.ceil(len(s) * 0.99) - 1],
         "mean": statistics.fmean(s),
         "max": s[-1],
     }
@@ -193,15 +208,21 @@ def main() -> None:
     server, url, server_version = start_redis(tmp, args.appendfsync)
     try:
         raw["stream echo"] = bench_stream_echo(url, args.runs)
-        env = {**os.environ, "SHELLQ_REDIS_URL": url, "SHELLQ_SESSION": "bench", "SHELLQ_WORK_DIR": str(tmp / "w")}
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--log-level", "WARNING"], env=env, cwd=ROOT)
-        s = Client(url).session("bench")
-        s.run("true", timeout=30)
+        workers, sessions = [], {}
+        for name, live in (("shellq", "true"), ("live off", "false")):
+            env = {**os.environ, "SHELLQ_REDIS_URL": url, "SHELLQ_SESSION": name.replace(" ", "-")}
+            env.update(SHELLQ_WORK_DIR=str(tmp / name.replace(" ", "-")), SHELLQ_LIVE_OUTPUT=live)
+            workers.append(
+                subprocess.Popen([sys.executable, "-m", "worker", "--log-level", "WARNING"], env=env, cwd=ROOT)
+            )
+            sessions[name] = Client(url).session(name.replace(" ", "-"))
+            sessions[name].run("true", timeout=30)
         time.sleep(2)
-        idle_rss = rss_kb(worker.pid)
-        raw["shellq"] = timed(lambda: s.run("true"), args.runs)
-        worker.terminate()
-        worker.wait(timeout=30)
+        idle_rss = rss_kb(workers[0].pid)
+        raw.update(alternating({name: (lambda s=s: s.run("true")) for name, s in sessions.items()}, args.runs))
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=30)
     finally:
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,6 +238,8 @@ def main() -> None:
             f"{name:<14}{r['n']:>6}{r['p50']:>10.3f}{r['p95']:>10.3f}{r['p99']:>10.3f}{r['mean']:>10.3f}{r['max']:>10.3f}"
         )
     print(f"worker idle RSS: {idle_rss / 1024:.1f} MiB")
+    on, off = results["shellq"]["p50"], results["live off"]["p50"]
+    print(f"live output on vs off, p50: {on:.3f} vs {off:.3f} ms ({(on / off - 1) * 100:+.1f}%)")
     if args.json:
         args.json.write_text(json.dumps({"summary": results, "raw_ms": raw, "idle_rss_kb": idle_rss}, indent=1))
 

@@ -37,6 +37,9 @@ RUNS = [
     ("Where a round trip goes", ["breakdown.py", "--json", "RESULTS/breakdown.json"]),
     ("Throughput", ["throughput.py", "--seconds", "8", "--json", "RESULTS/throughput.json"]),
     ("Cost per session", ["costs.py", "--json", "RESULTS/costs.json"]),
+    ("Many sessions at once", ["run_many.py", "--json", "RESULTS/run_many.json"]),
+    ("Live output", ["live.py", "--json", "RESULTS/live.json"]),
+    ("Through the manager (RQ)", ["manager.py", "--json", "RESULTS/manager.json"]),
 ]
 PEERS = [  # the docker-exec-based peers and SWE-ReX: shellq is to be >= 100x faster than each
     "docker exec (CLI)",

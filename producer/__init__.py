@@ -1,7 +1,7 @@
 """The producer side of shellq: the client library agents use (and, in `cli.py`, the `shellq` command)."""
 
 from producer.client import Client, ClientSettings, Session
-from producer.result import Result
+from producer.result import Chunk, Result
 from worker.errors import (
     AccessDeniedError,
     ConfigError,
@@ -20,6 +20,7 @@ __all__ = [
     "AccessDeniedError",
     "AsyncClient",
     "AsyncSession",
+    "Chunk",
     "Client",
     "ClientSettings",
     "ConfigError",

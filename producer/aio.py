@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis
@@ -22,7 +22,7 @@ from redis.backoff import ExponentialBackoff
 
 from producer import batch, core
 from producer.client import ClientSettings
-from producer.result import Result
+from producer.result import Chunk, Result
 from worker import protocol
 from worker.errors import (
     InvalidResultError,
@@ -202,6 +202,37 @@ class AsyncSession:
             return found
         self._last_seen = core.tail_id(tail)
         return await self._wait(command_id, deadline, cancel)
+
+    async def stream(
+        self, command_id: str, timeout: float | None = None, *, cancel: bool = False
+    ) -> AsyncIterator[Chunk]:
+        """`Session.stream`: `async for chunk in s.stream(cid)`."""
+        follow = core.Follow(self.keys, protocol.check_id(command_id, "command id"))
+        journal, tail = await self.client.send(core.journal_call(self.keys, command_id), core.tail_call(self.keys))
+        follow.start(journal, tail)
+        started = time.monotonic()
+        deadline = math.inf if timeout is None else started + timeout
+        result = None
+        while (found := core.found(self.keys, command_id, None, journal)).result is None and found.fetch is None:
+            try:
+                if time.monotonic() >= deadline:
+                    raise ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+                block = max(1, int(min(deadline - time.monotonic(), 1.0) * 1000))
+                read, journal = await self.client.send(
+                    follow.read_call(block), core.journal_call(self.keys, command_id)
+                )
+                for chunk in follow.take(read):
+                    yield chunk
+                if time.monotonic() - started >= self.client.settings.no_worker_after:
+                    await self._check_worker()
+            except (NoWorkerError, ResultTimeoutError) as e:
+                result = await self._give_up(command_id, e, cancel)  # raises unless the result came meanwhile
+                break
+        while rest := (await self.client.send(follow.rest_call()))[0]:
+            for chunk in follow.take(rest):
+                yield chunk
+        for chunk in follow.rest(result or found.result or await self._read_result(command_id, found.fetch or "")):
+            yield chunk
 
     async def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""

@@ -16,10 +16,11 @@
                                                the name is free again; --keep keeps its history to resume it
     shellq session list                        name, backend, worker, state, queue depth, epoch, current command
                                                (or "no worker, N queued")
-    shellq exec S [--timeout T] [--json] [--env K=V] [--cwd DIR] -- CMD
+    shellq exec S [--timeout T] [--json | --follow] [--env K=V] [--cwd DIR] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
-                                               and never will, 75 when it started but its result never came)
+                                               and never will, 75 when it started but its result never came);
+                                               --follow prints its output as it comes
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
                                                run shellq's RQ jobs (start, stop, gc of docker sessions) beside
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer.client import Client, ClientSettings
+from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
 from worker.errors import ShellqError, WaitError
@@ -184,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("name")
     ex.add_argument("--timeout", type=float, help="execution limit in seconds (default: the worker's)")
     ex.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    ex.add_argument("-f", "--follow", action="store_true", help="print the output as it comes (live output)")
     ex.add_argument("--env", action="append", default=[], metavar="K=V", help="export K=V first (repeatable)")
     ex.add_argument("--cwd", help="cd here first")
     ex.add_argument("command", nargs="*", help="the command (after --), joined with spaces")
@@ -460,11 +462,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
         raise CliError("nothing to run: shellq exec SESSION -- CMD")
+    if args.follow and args.json:
+        raise CliError("--follow prints the output as it comes; --json prints the result at the end: pick one")
     env = dict(_key_value(item) for item in args.env)
     session = _client().session(args.name)
     cid = f"c-{secrets.token_hex(8)}"
+    run = _follow if args.follow else Session.run
     try:
-        r = session.run(" ".join(command), timeout=args.timeout, id=cid, env=env or None, cwd=args.cwd)
+        r = run(session, " ".join(command), timeout=args.timeout, id=cid, env=env or None, cwd=args.cwd)
     except KeyboardInterrupt:  # Ctrl-C stops the command too, as in a terminal
         session.interrupt(cid)
         print(f"shellq: interrupted; command {cid} is being cancelled", file=sys.stderr)
@@ -476,10 +481,25 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_STARTED
     if args.json:
         print(json.dumps(_json_view(r)))
-    else:
+    elif not args.follow:
         os.write(1, r.stdout_bytes)
         os.write(2, r.stderr_bytes)
     return _exit_status(r)
+
+
+def _follow(session: Session, command: str, timeout: float | None, **options: Any) -> Result:
+    """`Session.run`, printing the command's output as it comes (`Session.stream`); a gap in it (bytes the live
+    stream dropped, kept in the result's spool) is said on stderr."""
+    cid = session.submit(command, timeout=timeout, **options)
+    limit = (timeout or session.client.settings.default_timeout) + RUN_MARGIN
+    shown = {"stdout": 0, "stderr": 0}
+    for chunk in session.stream(cid, timeout=limit, cancel=True):
+        if chunk.offset > shown[chunk.stream]:
+            skipped = chunk.offset - shown[chunk.stream]
+            os.write(2, f"\nshellq: [{skipped} bytes of {chunk.stream} not shown: see the spool]\n".encode())
+        os.write(1 if chunk.stream == "stdout" else 2, chunk.data)
+        shown[chunk.stream] = chunk.offset + len(chunk.data)
+    return session.result(cid)
 
 
 def _key_value(item: str) -> tuple[str, str]:

@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from producer import core
-from producer.result import Result
+from producer.result import Chunk, Result
 from worker import protocol
 from worker.errors import (
     InvalidResultError,
@@ -242,6 +242,38 @@ class Session:
             return found
         self._last_seen = tail[0][0].decode() if tail else "0-0"
         return self._wait(command_id, deadline, cancel)
+
+    def stream(self, command_id: str, timeout: float | None = None, *, cancel: bool = False) -> Iterator[Chunk]:
+        """The command's output while it runs: Chunks (`chunk.stream` "stdout" or "stderr", `chunk.data` bytes,
+        `chunk.offset`) in the order the worker read them, ending when its result is committed (`result()` then
+        returns it at once). A reader that starts late gets what the live stream still holds, then the rest; the
+        bytes the live stream lacks (output of the command's last moments, of a command over in a few
+        milliseconds, or dropped past the live rate) come from the result at the end, as far as its head and tail
+        hold them: `offset` shows any gap. Stopping to read changes nothing. Raises NoWorkerError when no worker
+        serves the session, ResultTimeoutError after `timeout` seconds (None: no limit), InvalidResultError,
+        RedisUnavailableError; with `cancel`, such a wait that gives up cancels the command if no worker has taken
+        it yet, as `result` does (the error's `cancelled` says so)."""
+        follow = core.Follow(self.keys, protocol.check_id(command_id, "command id"))
+        journal, tail = self.client.send(self._journal(command_id), core.tail_call(self.keys))
+        follow.start(journal, tail)
+        started = time.monotonic()
+        deadline = math.inf if timeout is None else started + timeout
+        result = None
+        while (found := core.found(self.keys, command_id, None, journal)).result is None and found.fetch is None:
+            try:
+                if time.monotonic() >= deadline:
+                    raise ResultTimeoutError(f"no result for {command_id} on session {self.id} in time")
+                block = max(1, int(min(deadline - time.monotonic(), 1.0) * 1000))
+                read, journal = self.client.send(follow.read_call(block), self._journal(command_id))
+                yield from follow.take(read)
+                if time.monotonic() - started >= self.client.settings.no_worker_after:
+                    self._check_worker()
+            except (NoWorkerError, ResultTimeoutError) as e:
+                result = self._give_up(command_id, e, cancel)  # raises unless the result came meanwhile
+                break
+        while rest := self.client.send(follow.rest_call())[0]:
+            yield from follow.take(rest)
+        yield from follow.rest(result or found.result or self._read_result(command_id, found.fetch or ""))
 
     def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""

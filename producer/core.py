@@ -7,13 +7,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import redis
 from pydantic import ValidationError
 
-from producer.result import Result
+from producer.result import Chunk, Result
 from worker import protocol
 from worker.errors import (
     AccessDeniedError,
@@ -27,12 +27,17 @@ from worker.errors import (
     SessionStateLostError,
     WaitError,
 )
-from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError
+from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError, OutputChunk
 
 RUN_MARGIN = 30.0
 """`run()` waits this much longer than the command's timeout before giving up on a result."""
 READ_COUNT = 16
 """Result entries one read returns at most."""
+LIVE_COUNT = 256
+"""Live output entries one read returns at most."""
+LIVE_SLACK_MS = 1000
+"""A reader of live output starts this long before its command was submitted (in case the server's clock stepped
+back in between: stream ids follow it)."""
 
 
 @contextmanager
@@ -224,3 +229,82 @@ def alive(reply: Any, limit: float) -> bool:
 
 def alive_call(keys: protocol.Keys) -> tuple[Any, ...]:
     return ("FCALL_RO", "shellq_alive", 1, keys.meta, protocol.CALLER)
+
+
+@dataclass
+class Follow:
+    """What a reader of one command's live output has seen, and what it sends next (sans-IO: `Session.stream` and
+    `AsyncSession.stream` move the calls and feed the replies back). Chunks come from `shellq:{S}:live`; once the
+    command's result is committed, the bytes the live stream lacks come from the result (its head and tail)."""
+
+    keys: protocol.Keys
+    command_id: str
+    live_after: str = "0-0"
+    res_after: str = "0-0"
+    lease_epoch: int = -1
+    seen: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    """Per output stream, the end of the last chunk yielded (bytes)."""
+
+    def start(self, journal: Any, tail: Any) -> None:
+        """Where to read from, given the command's journal (`journal_call`) and the result stream's newest entry
+        (`tail_call`): live output from the command's submission on, results from now on."""
+        entry = journal[2].decode() if journal[2] else self.command_id
+        if protocol.is_entry_id(entry):
+            self.live_after = f"{max(0, protocol.entry_key(entry)[0] - LIVE_SLACK_MS)}-0"
+        self.res_after = tail_id(tail)
+
+    def read_call(self, block_ms: int) -> tuple[Any, ...]:
+        """A blocking read of the live stream and the result stream (a result wakes it too)."""
+        keys = self.keys
+        return ("XREAD", "COUNT", LIVE_COUNT, "BLOCK", block_ms, "STREAMS", keys.live, keys.res, self.live_after,
+                self.res_after)  # fmt: skip
+
+    def rest_call(self) -> tuple[Any, ...]:
+        """A read of what is left on the live stream (once the result is committed, every chunk is there)."""
+        return ("XREAD", "COUNT", LIVE_COUNT, "STREAMS", self.keys.live, self.live_after)
+
+    def take(self, reply: Any) -> list[Chunk]:
+        """This command's new chunks in a `read_call` or `rest_call` reply; entries that cannot be read are skipped
+        (the result has their bytes)."""
+        by_key = protocol.entries_by_key(reply)
+        if results := by_key.get(self.keys.res):
+            self.res_after = results[-1][0]
+        out: list[Chunk] = []
+        for eid, fields in by_key.get(self.keys.live, []):
+            self.live_after = eid
+            if fields.get(b"id") != self.command_id.encode():
+                continue
+            try:
+                chunk = protocol.decode(OutputChunk, fields)
+            except DecodeError:
+                continue
+            if chunk.lease_epoch < self.lease_epoch:
+                continue  # a worker that lost the session's lease
+            if chunk.lease_epoch > self.lease_epoch:  # the first chunk, or the command started over
+                self.lease_epoch, self.seen = chunk.lease_epoch, {"stdout": 0, "stderr": 0}
+            out += self._new(chunk.stream, chunk.offset, chunk.data)
+        return out
+
+    def rest(self, result: Result) -> list[Chunk]:
+        """What the result holds beyond the chunks yielded: stdout's, then stderr's."""
+        out: list[Chunk] = []
+        for stream, kept, size in (
+            ("stdout", result.stdout_bytes, result.stdout_size),
+            ("stderr", result.stderr_bytes, result.stderr_size),
+        ):
+            if size <= len(kept):
+                parts = [(0, kept)]
+            else:  # truncated: the first half of the kept bytes is the head, the rest the tail
+                head = len(kept) // 2
+                parts = [(0, kept[:head]), (size - (len(kept) - head), kept[head:])]
+            for offset, data in parts:
+                out += self._new(stream, offset, data)  # type: ignore[arg-type]
+        return out
+
+    def _new(self, stream: Literal["stdout", "stderr"], offset: int, data: bytes) -> list[Chunk]:
+        """The part of `data` (at `offset`) past what was yielded of `stream`, as a chunk."""
+        start, end = max(offset, self.seen[stream]), offset + len(data)
+        if end <= start:
+            return []
+        self.seen[stream] = end
+        return [Chunk(stream, data[start - offset :], start)]

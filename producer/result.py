@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from worker.protocol import CommandResult, Status
@@ -59,3 +62,18 @@ class Result(BaseModel):
             if data[name] is not None:
                 data[name] = data[name].encode(errors="surrogateescape").decode(errors="replace")
         return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a command's output, as `Session.stream` yields it."""
+
+    stream: Literal["stdout", "stderr"]
+    """Which output stream the bytes come from."""
+    data: bytes
+    """The bytes."""
+    offset: int
+    """Where `data` starts in its stream, in bytes. It equals the end of the previous chunk of that stream unless
+    bytes were dropped from the live stream (more than its rate or buffer allow, or trimmed before a late reader
+    came): those are in the result's head and tail and in the spool. A lower one means the command was started over
+    (its worker died and the command was idempotent)."""

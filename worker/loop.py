@@ -32,6 +32,7 @@ from worker.errors import (
     SessionStateLostError,
     ShellqError,
 )
+from worker.live import LiveOutput
 from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings, state_dir
 from worker.shell import Shell, ShellResult
@@ -54,6 +55,17 @@ class Worker:
         self.store = SessionStore(settings)
         self.work_dir = settings.work_dir or state_dir() / "sessions" / settings.session
         self.shell = shell or self._new_shell()
+        self.live = (
+            LiveOutput(
+                self.store.redis,
+                self.store.keys.live,
+                maxlen=settings.live_maxlen,
+                rate=settings.live_rate,
+                ttl=settings.live_ttl,
+            )
+            if settings.live_output
+            else None
+        )
         self.stopping = threading.Event()
         self.running: tuple[str, threading.Event] | None = None
         self._lock = threading.Lock()
@@ -132,6 +144,8 @@ class Worker:
         if self._control:
             self._control.join()
         self.shell.close()
+        if self.live:
+            self.live.close()
         try:
             if self._serving:  # a worker that waited for the lease or lost it must not mark its successor stopped
                 self.store.record_stop()
@@ -291,13 +305,20 @@ class Worker:
             if cid in self._cancelled:
                 return _result(cid, entry_id, "cancelled", "interrupted before it started")
             self.running = (cid, cancel)
+        if self.live:
+            self.live.begin(cid, self.store.epoch)
         try:
-            r = self.shell.run(req.cmd, timeout=timeout, env=req.env, cwd=req.cwd, spool_name=cid, cancel=cancel)
+            live = self.live.feed if self.live else None
+            r = self.shell.run(
+                req.cmd, timeout=timeout, env=req.env, cwd=req.cwd, spool_name=cid, cancel=cancel, live=live
+            )
         except OSError as e:  # the machine failed the shell (a full /dev/shm, no descriptors left): say so, go on
             log.exception("command %s: the shell failed; starting a new bash", cid)
             epoch = self._renew()
             return _result(cid, entry_id, "interrupted", f"the shell failed: {e}; a new bash was started", epoch)
         finally:
+            if self.live:
+                self.live.end()
             with self._lock:
                 self.running = None
         return self._from_shell(cid, entry_id, r)

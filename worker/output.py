@@ -88,6 +88,8 @@ class OutputCapture:
         self.spooled: Path | None = None
         self.spool_error: str | None = None
         """Why the output past the cap could not be spooled (a full disk, say); the command goes on regardless."""
+        self.live: Callable[[int, bytes], None] | None = None
+        """Called with (offset, bytes) for every piece taken while set (live output, worker/live.py)."""
 
     @property
     def truncated(self) -> bool:
@@ -119,6 +121,8 @@ class OutputCapture:
     def _take(self, data: bytes) -> None:
         if not data:
             return
+        if self.live is not None:
+            self.live(self.size, data)
         self.size += len(data)
         if not self._tail:
             room = self.cap // 2 - len(self._head)

@@ -194,6 +194,24 @@ class ControlRequest(WireModel):
     """The command an interrupt is for."""
 
 
+class OutputChunk(WireModel):
+    """A piece of a running command's output on `shellq:{S}:live` (worker/live.py); readers: `Session.stream`."""
+
+    wire_bytes = frozenset({"data"})
+
+    id: str
+    """The command id."""
+    stream: Literal["stdout", "stderr"]
+    """Which of the command's output streams `data` comes from."""
+    offset: int = Field(ge=0)
+    """Where `data` starts in that stream, in bytes; a jump past what came before means bytes were dropped."""
+    lease_epoch: int = 0
+    """The fencing epoch of the worker that ran the command: a higher one means the command was started again."""
+    data: bytes
+    """The bytes, as the command wrote them (stderr with bash's name for the command file rewritten, as in the
+    result)."""
+
+
 M = TypeVar("M", bound=WireModel)
 
 
@@ -272,6 +290,12 @@ def stream_entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
             fields = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else raw or {}
             out.append((eid.decode(), fields))
     return out
+
+
+def entries_by_key(reply: Any) -> dict[str, list[tuple[str, dict[bytes, bytes]]]]:
+    """`stream_entries` of an XREAD over several keys, per key."""
+    pairs = reply.items() if isinstance(reply, dict) else reply or []
+    return {key.decode(): stream_entries([(key, entries)]) for key, entries in pairs}
 
 
 def cancelled_error(reason: str) -> str:
@@ -355,6 +379,7 @@ ENV_NAMES = frozenset(
         *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
         *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME", "LEASE_TTL", "QUEUE_CAP", "RESULTS_MAX_AGE"),
         *("JANITOR_EVERY", "REQUIRE_DURABLE", "FAULT", "FAULT_AFTER", "RETRY_FOR", "INSTANCE", "SHELL_USER"),
+        *("LIVE_OUTPUT", "LIVE_MAXLEN", "LIVE_RATE", "LIVE_TTL"),
     ]
 )
 """Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""

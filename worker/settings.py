@@ -66,6 +66,15 @@ class WorkerSettings(EnvSettings):
     """Seconds results (and the commands before them) are kept."""
     janitor_every: float = Field(default=60.0, gt=0)
     """Seconds between retention passes."""
+    live_output: bool = True
+    """Publish the output of running commands on `shellq:{S}:live` (worker/live.py)."""
+    live_maxlen: int = Field(default=256, ge=1)
+    """About how many chunks (of at most 16 KiB) the live stream keeps (XADD MAXLEN ~)."""
+    live_rate: int = Field(default=1 << 20, ge=1 << 14)
+    """Bytes of live output published per second at most; past it (and a 1 MiB buffer) bytes are dropped from the
+    live stream, never from the result or the spool."""
+    live_ttl: int = Field(default=3600, ge=1)
+    """Seconds the live stream is kept after its last chunk."""
     require_durable: bool = False
     """Refuse to start when Redis has no AOF or may evict keys (instead of a loud warning)."""
     instance: str = Field(default_factory=lambda: uuid.uuid4().hex[:16], pattern=r"^[A-Za-z0-9_-]{1,64}$")

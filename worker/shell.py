@@ -15,6 +15,7 @@ driven with `worker.shell_driver`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,8 @@ from worker.shell_driver import ReportReader
 from worker.shell_process import ShellProcess, ShellUser
 
 ShellStatus = Literal["completed", "timeout", "cancelled", "shell_exited"]
+LiveSink = Callable[[Literal["stdout", "stderr"], int, bytes], None]
+"""Takes (stream, offset, bytes) of a running command's output (worker/live.py)."""
 
 SHELL_ENV_DEFAULTS = {
     "PAGER": "cat",
@@ -98,6 +102,7 @@ class _Running:
     step: int = 0
     step_deadline: float = math.inf
     spool_dir: Path | None = None
+    live: LiveSink | None = None
 
 
 class Shell:
@@ -137,6 +142,7 @@ class Shell:
         os.set_blocking(self._wake_r, False)
         self._interrupt = threading.Event()
         self._cancel: threading.Event | None = None
+        self._live: LiveSink | None = None
         self._last_reap = 0.0
         self._seq = 0
         self._closed = False
@@ -161,10 +167,12 @@ class Shell:
         cwd: str | None = None,
         spool_name: str | None = None,
         cancel: threading.Event | None = None,
+        live: LiveSink | None = None,
     ) -> ShellResult:
         """Run one command to its end, its timeout or an interrupt. `env` is exported and `cwd` entered first (both
         persist, as if typed before the command). Setting `cancel` and then calling `interrupt()` stops this command
-        even if the interrupt came before it started."""
+        even if the interrupt came before it started. `live` is given each piece of output read while the command
+        runs, from `_QUIET` seconds on (the bytes read at its end only go into the result)."""
         body = command.encode() if isinstance(command, str) else command
         for name in env or {}:
             if not _ENV_NAME.match(name):
@@ -176,7 +184,7 @@ class Shell:
             while read_available(self._wake_r):
                 pass
             self._seq += 1
-            self._cancel = cancel
+            self._cancel, self._live = cancel, live
             start = time.monotonic()
             refusal = self._refusal(body, cwd)
             if refusal is not None:
@@ -272,6 +280,7 @@ class Shell:
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         # The nonce tells this command's reports from any other; a command can read its own (it owns its shell).
         run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
+        run.live = self._live
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
             run.streams[bash.open_fifo(path)] = capture
         bash.write_command(body)
@@ -312,8 +321,7 @@ class Shell:
             now = time.monotonic()
             if watch_from and now >= watch_from:
                 watch_from = 0.0
-                for fd in run.streams:  # not read here: a FIFO bash has not opened yet reads as EOF
-                    poller.register(fd, select.POLLIN)
+                self._watch(run, poller)
             wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK, watch_from or math.inf) - now
             events = poller.poll(math.ceil(max(0.0, wait) * 1000))
             for fd, _ in events:
@@ -327,6 +335,14 @@ class Shell:
                 else:
                     read_available(self._wake_r)  # an interrupt: acted on in _check_progress
             self._check_progress(run, poller, idle=not events)
+
+    def _watch(self, run: _Running, poller: select.poll) -> None:
+        """The command has run `_QUIET` seconds: read its output as it comes, and publish it live."""
+        for fd in run.streams:  # not read here: a FIFO bash has not opened yet reads as EOF
+            poller.register(fd, select.POLLIN)
+        if run.live is not None:
+            run.out.live = functools.partial(run.live, "stdout")
+            run.err.live = functools.partial(run.live, "stderr")
 
     def _interrupted(self) -> bool:
         return self._interrupt.is_set() or (self._cancel is not None and self._cancel.is_set())
@@ -437,6 +453,7 @@ class Shell:
         """Take what the command wrote before it ended. A FIFO still held open by a background job is handed to a
         drain thread, so the job never blocks and its later output never reaches a later result."""
         lingering = []
+        run.out.live = run.err.live = None
         for fd, capture in run.streams.items():
             while data := read_available(fd):
                 capture.feed(data)
