@@ -28,7 +28,7 @@ log = logging.getLogger("shellq.access")
 WORKER_COMMANDS = (
     *("fcall", "fcall_ro", "function|list", "xread", "xreadgroup", "xautoclaim", "xack", "xgroup|create"),
     *("xinfo|groups", "xrange", "xtrim", "xpending", "xadd", "xdel", "hset", "hget", "hmget", "hincrby", "hsetnx"),
-    *("hexists", "get", "set", "expire", "pttl", "time", "ping", "client|setname"),
+    *("hexists", "get", "set", "expire", "pttl", "time", "ping", "client|setname", "del", "xlen"),
 )
 """What a session's worker sends (worker/store.py, worker/loop.py, worker/control.py and, inside FCALL, the
 commands of worker/functions.lua): no @admin, no @dangerous (INFO, CLIENT LIST, KEYS...), no FUNCTION change."""
@@ -74,10 +74,13 @@ def worker_rules(session: str) -> list[str]:
 def producer_rules(session: str) -> list[str]:
     """ACL SETUSER rules of the session's producer: read every key of the session; write its commands, journal,
     control requests and submit counter, never its results (only the worker commits those), its meta (what the
-    worker and the backend record there, pids included, is trusted by them) or its lease."""
+    worker and the backend record there, pids included, is trusted by them) or its lease; and the transfer streams
+    (input it sends, output it consumes)."""
     p = _prefix(session)
-    keys = [f"%R~{p}*", *(f"~{p}{name}" for name in ("cmd", "jrnl:*", "ctl", "seq"))]
-    return ["resetkeys", *keys, "resetchannels", "-@all", *(f"+{c}" for c in PRODUCER_COMMANDS)]
+    keys = [f"%R~{p}*", *(f"~{p}{name}" for name in ("cmd", "jrnl:*", "ctl", "seq", "in:*", "out:*"))]
+    transfers = f"(~{p}in:* ~{p}out:* +xdel +del)"  # deleting: only the transfer streams, never the command stream
+    return ["resetkeys", *keys, "resetchannels", "-@all", *(f"+{c}" for c in PRODUCER_COMMANDS), "clearselectors",
+            transfers]  # fmt: skip
 
 
 def grant(r: redis.Redis, session: str, worker_password: str | None = None) -> Credentials:

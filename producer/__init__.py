@@ -1,16 +1,22 @@
 """The producer side of shellq: the client library agents use (and, in `cli.py`, the `shellq` command)."""
 
 from producer.client import Client, ClientSettings, Session
-from producer.result import Chunk, Result
+from producer.result import Chunk, FileInfo, Result
 from worker.errors import (
     AccessDeniedError,
     ConfigError,
+    FileTooLargeError,
     InvalidRequestError,
     InvalidResultError,
     NoWorkerError,
     QueueFullError,
     RedisUnavailableError,
     ResultTimeoutError,
+    SessionFileError,
+    SessionFileNotFoundError,
+    SessionIsADirectoryError,
+    SessionNotADirectoryError,
+    SessionPermissionError,
     SessionStateLostError,
     ShellqError,
     WaitError,
@@ -24,6 +30,8 @@ __all__ = [
     "Client",
     "ClientSettings",
     "ConfigError",
+    "FileInfo",
+    "FileTooLargeError",
     "InvalidRequestError",
     "InvalidResultError",
     "NoWorkerError",
@@ -32,6 +40,11 @@ __all__ = [
     "Result",
     "ResultTimeoutError",
     "Session",
+    "SessionFileError",
+    "SessionFileNotFoundError",
+    "SessionIsADirectoryError",
+    "SessionNotADirectoryError",
+    "SessionPermissionError",
     "SessionStateLostError",
     "ShellqError",
     "WaitError",

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from producer import batch, core
+from producer import batch, core, files
 from producer.client import ClientSettings
-from producer.result import Chunk, Result
+from producer.result import Chunk, FileInfo, Result
 from worker import protocol
 from worker.errors import (
     InvalidResultError,
@@ -35,6 +36,7 @@ from worker.errors import (
 )
 from worker.protocol import CommandRequest
 
+T = TypeVar("T")
 MAX_CONNECTIONS = 10_000
 """Connections one AsyncClient may open: each awaited result holds one while it waits (a blocking read), so a loop
 that awaits 200 sessions at once needs 200 (redis.asyncio's default pool stops at 100). Redis's own `maxclients`
@@ -165,9 +167,13 @@ class AsyncSession:
         idempotent: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | None = None,
+        user: str | None = None,
     ) -> str:
         """Queue a command and return its id (Session.submit)."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd)
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        if stdin is not None or len(req.cmd) > files.INLINE:
+            return await self._drive(files.submit_with_input(self, req, stdin, timeout))
         return (await self._submit(req, read_from=None))[0]
 
     async def run(
@@ -179,9 +185,14 @@ class AsyncSession:
         idempotent: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | None = None,
+        user: str | None = None,
     ) -> Result:
-        """Submit a command and wait for its result (Session.run: the same timeouts, errors and cancellation)."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd)
+        """Submit a command and wait for its result (Session.run: the same timeouts, errors and cancellation, the
+        same `stdin` and `user`)."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        if stdin is not None or len(req.cmd) > files.INLINE:
+            return Result.from_wire(await self._drive(files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = core.tail_id((await self.client.send(core.tail_call(self.keys)))[0])
@@ -233,6 +244,77 @@ class AsyncSession:
                 yield chunk
         for chunk in follow.rest(result or found.result or await self._read_result(command_id, found.fetch or "")):
             yield chunk
+
+    # -- files, stdin, users: producer/files.py's steps, awaited -----------------------------------------------
+
+    async def write_file(
+        self, path: str, data: bytes, mode: int | None = None, *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """`Session.write_file`."""
+        await self._drive(files.write_file(self, path, data, mode, user, timeout))
+
+    async def read_file(
+        self,
+        path: str,
+        max_bytes: int | None = None,
+        offset: int = 0,
+        *,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """`Session.read_file`."""
+        return await self._drive(files.read_file(self, path, max_bytes, offset, user, timeout))
+
+    async def list_dir(
+        self,
+        path: str,
+        recursive: bool = False,
+        max_entries: int | None = None,
+        *,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> list[FileInfo]:
+        """`Session.list_dir`."""
+        return await self._drive(files.list_dir(self, path, recursive, max_entries, user, timeout))
+
+    async def archive(
+        self, path: str, max_bytes: int = files.ARCHIVE_CAP, *, user: str | None = None, timeout: float | None = None
+    ) -> bytes:
+        """`Session.archive`."""
+        return await self._drive(files.archive(self, path, max_bytes, user, timeout))
+
+    async def upload(
+        self, local: str | os.PathLike[str], remote: str, *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """`Session.upload` (packing a directory runs in a thread)."""
+        await self._drive(files.upload(self, local, remote, user, timeout))
+
+    async def download(
+        self, remote: str, local: str | os.PathLike[str], *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """`Session.download` (unpacking a directory runs in a thread)."""
+        await self._drive(files.download(self, remote, local, user, timeout))
+
+    async def _drive(self, steps: files.Steps[T]) -> T:
+        """files.drive, awaited."""
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as done:
+                return cast(T, done.value)
+            reply, error = None, None
+            try:
+                if isinstance(step, files.Send):
+                    send = self.client.fcall if step.fcall else self.client.send
+                    reply = await send(*step.commands)
+                elif isinstance(step, files.Sleep):
+                    await asyncio.sleep(step.seconds)
+                else:
+                    reply = await asyncio.to_thread(step.work)
+            except Exception as e:
+                error = e
 
     async def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""

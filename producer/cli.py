@@ -16,11 +16,14 @@
                                                the name is free again; --keep keeps its history to resume it
     shellq session list                        name, backend, worker, state, queue depth, epoch, current command
                                                (or "no worker, N queued")
-    shellq exec S [--timeout T] [--json | --follow] [--env K=V] [--cwd DIR] -- CMD
+    shellq exec S [--timeout T] [--json | --follow] [-i] [-u USER] [--env K=V] [--cwd DIR] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
                                                and never will, 75 when it started but its result never came);
-                                               --follow prints its output as it comes
+                                               --follow prints its output as it comes; -i gives it this stdin;
+                                               -u runs it as USER in a child of the shell
+    shellq cp SRC DST                          copy files or trees to or from a session (S:PATH, like docker cp;
+                                               DST - prints a session file)
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
                                                run shellq's RQ jobs (start, stop, gc of docker sessions) beside
@@ -42,10 +45,12 @@ import secrets
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from producer import files
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
@@ -181,19 +186,31 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_ops_verbs(verbs)
 
+    _add_exec_verbs(verbs)
+    return p
+
+
+# -- Redis location ------------------------------------------------------------------------------------------------
+
+
+def _add_exec_verbs(verbs: Any) -> None:
+    """`shellq exec` and `shellq cp`."""
     ex = verbs.add_parser("exec", help="run a command in a session")
     ex.add_argument("name")
     ex.add_argument("--timeout", type=float, help="execution limit in seconds (default: the worker's)")
     ex.add_argument("--json", action="store_true", help="print the whole result as JSON")
     ex.add_argument("-f", "--follow", action="store_true", help="print the output as it comes (live output)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="give the command this process's stdin")
+    ex.add_argument("-u", "--user", help="run it as this user (in a child of the shell; its state is untouched)")
     ex.add_argument("--env", action="append", default=[], metavar="K=V", help="export K=V first (repeatable)")
     ex.add_argument("--cwd", help="cd here first")
     ex.add_argument("command", nargs="*", help="the command (after --), joined with spaces")
     ex.set_defaults(handler=cmd_exec)
-    return p
-
-
-# -- Redis location ------------------------------------------------------------------------------------------------
+    cp = verbs.add_parser("cp", help="copy files or trees between here and a session (S:PATH names a session path)")
+    cp.add_argument("source", help="S:PATH or a local path")
+    cp.add_argument("destination", help="S:PATH, a local path, or - (a session file to stdout)")
+    cp.add_argument("-u", "--user", help="read or write in the session as this user")
+    cp.set_defaults(handler=cmd_cp)
 
 
 def _add_ops_verbs(verbs: Any) -> None:
@@ -465,11 +482,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.follow and args.json:
         raise CliError("--follow prints the output as it comes; --json prints the result at the end: pick one")
     env = dict(_key_value(item) for item in args.env)
+    stdin = sys.stdin.buffer.read() if args.interactive else None
     session = _client().session(args.name)
     cid = f"c-{secrets.token_hex(8)}"
     run = _follow if args.follow else Session.run
+    options: dict[str, Any] = {"id": cid, "env": env or None, "cwd": args.cwd, "stdin": stdin, "user": args.user}
     try:
-        r = run(session, " ".join(command), timeout=args.timeout, id=cid, env=env or None, cwd=args.cwd)
+        r = run(session, " ".join(command), timeout=args.timeout, **options)
     except KeyboardInterrupt:  # Ctrl-C stops the command too, as in a terminal
         session.interrupt(cid)
         print(f"shellq: interrupted; command {cid} is being cancelled", file=sys.stderr)
@@ -500,6 +519,38 @@ def _follow(session: Session, command: str, timeout: float | None, **options: An
         os.write(1 if chunk.stream == "stdout" else 2, chunk.data)
         shown[chunk.stream] = chunk.offset + len(chunk.data)
     return session.result(cid)
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """`shellq cp S:PATH LOCAL`, `shellq cp LOCAL S:PATH`, `shellq cp S:PATH -`: files and directory trees, like
+    `docker cp`. A local path with a colon in it is written `./a:b`. A destination that ends with `/`, or a local
+    directory that exists, receives the source under its own name."""
+    source, destination = _session_path(args.source), _session_path(args.destination)
+    if (source is None) == (destination is None):
+        raise CliError("name one session path (S:PATH) and one local path: shellq cp S:/repo/out ./out")
+    client = _client()
+    if source is not None:
+        session, remote = client.session(source[0]), source[1]
+        if args.destination == "-":
+            files.drive(session, files.read_to(session, "read", remote, sys.stdout.buffer.write, args.user, None))
+            return 0
+        local = Path(args.destination)
+        if local.is_dir() or args.destination.endswith("/"):
+            local = local / PurePosixPath(remote.rstrip("/")).name
+        session.download(remote, local, user=args.user)
+        return 0
+    assert destination is not None
+    session, remote = client.session(destination[0]), destination[1]
+    if remote.endswith("/"):
+        remote += Path(args.source).resolve().name
+    session.upload(args.source, remote, user=args.user)
+    return 0
+
+
+def _session_path(text: str) -> tuple[str, str] | None:
+    """(session, path) for `S:PATH`, None for a local path."""
+    name, sep, path = text.partition(":")
+    return (name, path) if sep and protocol.ID_PATTERN.match(name) and path else None
 
 
 def _key_value(item: str) -> tuple[str, str]:

@@ -15,8 +15,8 @@ from pydantic import Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer import core
-from producer.result import Chunk, Result
+from producer import core, files
+from producer.result import Chunk, FileInfo, Result
 from worker import protocol
 from worker.errors import (
     InvalidResultError,
@@ -196,10 +196,16 @@ class Session:
         idempotent: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | None = None,
+        user: str | None = None,
     ) -> str:
-        """Queue a command and return its id at once. Submitting an id that was accepted before returns that id
-        again without queueing anything (retries are safe)."""
-        return self._submit(core.request(cmd, id, timeout, idempotent, env, cwd), read_from=None)[0]
+        """Queue a command and return its id at once (with a large `stdin`, once the worker has taken all but the
+        last few MiB of it). Submitting an id that was accepted before returns that id again without queueing
+        anything (retries are safe). `stdin` and `user` as in `run`."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        if stdin is None and len(req.cmd) <= files.INLINE:
+            return self._submit(req, read_from=None)[0]
+        return files.drive(self, files.submit_with_input(self, req, stdin, timeout))
 
     def run(
         self,
@@ -210,6 +216,8 @@ class Session:
         idempotent: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        stdin: bytes | None = None,
+        user: str | None = None,
     ) -> Result:
         """Submit a command and wait for its result. `timeout` is the execution limit in seconds: an overrun returns
         a result with status `timeout`; the wait itself lasts up to the timeout plus RUN_MARGIN (30 s). A wait that
@@ -217,8 +225,17 @@ class Session:
         has taken it yet: the error's `cancelled` is then True and the command never runs. If a worker had taken
         it, `cancelled` is False (it is running or ran); if its result came meanwhile, that result is returned.
         Raises SessionStateLostError, QueueFullError, ConfigError, InvalidRequestError, InvalidResultError (a result
-        entry that cannot be read) and RedisUnavailableError as well."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd)
+        entry that cannot be read) and RedisUnavailableError as well.
+
+        `stdin`: bytes fed to the command's stdin, any size, NULs included (default: /dev/null); more than 512 KiB
+        go in chunks, spooled to disk by the worker. `user`: run this one command as that user (a name or uid), in
+        a child of the session's shell with its exported variables and current directory, changing none of the
+        shell's state (`env` and `cwd` then apply to that command only); the worker must be able to switch users
+        (in a container, or a worker running as root), and an unknown user is a `rejected` result naming it. A
+        command over the 1 MiB entry cap goes in chunks too."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        if stdin is not None or len(req.cmd) > files.INLINE:
+            return Result.from_wire(files.drive(self, files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = self._tail()
@@ -274,6 +291,64 @@ class Session:
         while rest := self.client.send(follow.rest_call())[0]:
             yield from follow.take(rest)
         yield from follow.rest(result or found.result or self._read_result(command_id, found.fetch or ""))
+
+    # -- files: ordered with the commands, run as the shell's user (or `user`), relative paths from its cwd ------
+
+    def write_file(
+        self, path: str, data: bytes, mode: int | None = None, *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Put `data` (any size) at `path`: parents made, an existing file replaced atomically, `mode` its
+        permission bits (default: the replaced file's, else 0o644). Raises the SessionFileError for what the
+        session's OS said (SessionIsADirectoryError, SessionPermissionError...: also IsADirectoryError,
+        PermissionError), and what `run` raises."""
+        files.drive(self, files.write_file(self, path, data, mode, user, timeout))
+
+    def read_file(
+        self,
+        path: str,
+        max_bytes: int | None = None,
+        offset: int = 0,
+        *,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """The bytes of `path` from `offset`, at most `max_bytes` (None: all, any size). SessionFileNotFoundError
+        (a FileNotFoundError naming the path), SessionIsADirectoryError, SessionPermissionError..."""
+        return files.drive(self, files.read_file(self, path, max_bytes, offset, user, timeout))
+
+    def list_dir(
+        self,
+        path: str,
+        recursive: bool = False,
+        max_entries: int | None = None,
+        *,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> list[FileInfo]:
+        """The entries of directory `path` sorted by name (with `recursive`, the whole tree below it, depth first;
+        symlinks are listed, not followed), at most `max_entries`. SessionNotADirectoryError for a file."""
+        return files.drive(self, files.list_dir(self, path, recursive, max_entries, user, timeout))
+
+    def archive(
+        self, path: str, max_bytes: int = files.ARCHIVE_CAP, *, user: str | None = None, timeout: float | None = None
+    ) -> bytes:
+        """A tar.gz of `path` (a file or a tree; members named from its basename). FileTooLargeError past
+        `max_bytes` bytes of archive."""
+        return files.drive(self, files.archive(self, path, max_bytes, user, timeout))
+
+    def upload(
+        self, local: str | os.PathLike[str], remote: str, *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Copy a local file to `remote`, or a local directory's tree into `remote` (made if missing), streamed in
+        chunks with bounded memory."""
+        files.drive(self, files.upload(self, local, remote, user, timeout))
+
+    def download(
+        self, remote: str, local: str | os.PathLike[str], *, user: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Copy `remote` to a local file, or a remote directory's tree into `local` (made if missing); members that
+        would land outside `local` are refused (tarfile's `data` filter)."""
+        files.drive(self, files.download(self, remote, local, user, timeout))
 
     def interrupt(self, command_id: str) -> None:
         """Stop a command: running -> `cancelled` with its partial output; still queued -> `cancelled` unrun."""

@@ -56,6 +56,11 @@ def redact(url: str) -> str:
     return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url
 
 
+def new_id() -> str:
+    """A fresh command id."""
+    return f"c-{secrets.token_hex(8)}"
+
+
 def request(
     cmd: str | bytes,
     cid: str | None,
@@ -63,6 +68,7 @@ def request(
     idempotent: bool,
     env: dict[str, str] | None,
     cwd: str | None,
+    user: str | None = None,
 ) -> CommandRequest:
     """A command request; ConfigError for a bad id or option."""
     body = cmd.encode() if isinstance(cmd, str) else cmd
@@ -72,7 +78,7 @@ def request(
             raise ConfigError(f"command id {cid!r} looks like a stream entry id; pick another")
     try:
         return CommandRequest(
-            id=cid or f"c-{secrets.token_hex(8)}", cmd=body, timeout=timeout, env=env, cwd=cwd, idempotent=idempotent
+            id=cid or new_id(), cmd=body, timeout=timeout, env=env, cwd=cwd, idempotent=idempotent, user=user
         )
     except ValidationError as e:
         raise ConfigError(str(e)) from None

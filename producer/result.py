@@ -77,3 +77,19 @@ class Chunk:
     bytes were dropped from the live stream (more than its rate or buffer allow, or trimmed before a late reader
     came): those are in the result's head and tail and in the spool. A lower one means the command was started over
     (its worker died and the command was idempotent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """An entry of `Session.list_dir`."""
+
+    path: str
+    """The directory given joined with the entry's name (bytes that are not UTF-8 as surrogate escapes, as
+    `os.fsdecode` gives them)."""
+    size: int
+    """Bytes (st_size)."""
+    mode: int
+    """st_mode: type and permission bits (`stat.S_ISLNK(mode)` for a symlink, which is not followed)."""
+    mtime: float
+    """Last modification, seconds since the epoch."""
+    is_dir: bool

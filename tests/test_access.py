@@ -177,6 +177,32 @@ def test_a_producer_user_reads_its_session_but_cannot_write_its_results(
         backend.stop(session_id)
 
 
+def test_a_producer_user_moves_large_files_and_deletes_only_transfer_streams(
+    server: RedisServer, session_id: str, tmp_path: Path
+) -> None:
+    """Chunked input and output need the producer to delete what it read (XDEL) and what it left (DEL): it may, on
+    the session's transfer streams only (an ACL selector), never on its command stream, whose loss would stop the
+    session."""
+    backend = LocalBackend(server.url, tmp_path / "logs")
+    backend.start(session_id)
+    try:
+        password = access.new_producer_password(server.client(), session_id)
+        agent = Client(access.url_for(server.url, access.producer_user(session_id), password))
+        s = agent.session(session_id)
+        data = os.urandom(3 << 20)  # six chunks each way
+        s.write_file(str(tmp_path / "big.bin"), data)
+        assert s.read_file(str(tmp_path / "big.bin")) == data
+        assert s.run("wc -c", stdin=data).stdout == f"{len(data)}\n"
+        keys = protocol.keys(session_id)
+        for command in (("DEL", keys.cmd), ("XDEL", keys.cmd, "0-1"), ("DEL", keys.res), ("DEL", keys.meta)):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                agent.redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        assert agent.redis.delete(keys.input("c-gone")) == 0  # allowed, and nothing was left
+        assert not list(server.client().scan_iter(keys.input("*"))) + list(server.client().scan_iter(keys.output("*")))
+    finally:
+        backend.stop(session_id)
+
+
 def test_a_server_without_an_aclfile_works_and_says_its_users_will_not_survive_a_restart(
     tmp_path: Path, session_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:

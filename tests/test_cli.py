@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -30,10 +31,15 @@ class Cli:
         self.env.update(SHELLQ_HOME=str(home), SHELLQ_NO_WORKER_AFTER="2")
 
     def __call__(
-        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [str(SHELLQ), *args], env={**self.env, **(env or {})}, capture_output=True, timeout=timeout, check=False
+            [str(SHELLQ), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            input=stdin,
         )
 
     def popen(self, *args: str) -> subprocess.Popen[bytes]:
@@ -386,3 +392,42 @@ def test_up_after_down_says_when_the_old_port_is_taken(tmp_path: Path) -> None:
             assert after["url"].split("@")[0] == before["url"].split("@")[0]  # the same password
         finally:
             run("down")
+
+
+def test_exec_i_gives_the_command_this_stdin(cli: Cli, session: str) -> None:
+    data = os.urandom(3 << 20) + b"\0end"  # over the inline limit: it goes in chunks
+    done = cli("exec", session, "-i", "--", "sha256sum", stdin=data)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert cli("exec", session, "--", "cat").stdout == b""  # without -i: /dev/null
+
+
+def test_exec_u_runs_one_command_as_another_user(cli: Cli, session: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs a worker run as root")
+    cli("exec", session, "--", "cd /tmp && export MINE=1")
+    done = cli("exec", session, "-u", "nobody", "--", "whoami; pwd; echo $MINE; cd /")
+    assert done.stdout == b"nobody\n/tmp\n1\n"
+    assert cli("exec", session, "--", "pwd").stdout == b"/tmp\n"  # the child's cd left the shell alone
+    unknown = cli("exec", session, "-u", "no-such-user-x", "--", "true")
+    assert unknown.returncode == 125 and b"no-such-user-x: no such user" in unknown.stderr
+
+
+def test_cp_copies_files_and_trees_both_ways(cli: Cli, session: str, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.bin").write_bytes(os.urandom(100_000))
+    (tree / "top.txt").write_text("top\n")
+    remote = f"/tmp/cp-{session}"
+    assert cli("cp", str(tree), f"{session}:{remote}").returncode == 0
+    assert cli("exec", session, "--", f"cat {remote}/top.txt").stdout == b"top\n"
+    back = tmp_path / "back"
+    back.mkdir()
+    done = cli("cp", f"{session}:{remote}", f"{back}/")  # an existing directory receives it under its own name
+    assert done.returncode == 0, done.stderr
+    assert (back / f"cp-{session}" / "sub" / "a.bin").read_bytes() == (tree / "sub" / "a.bin").read_bytes()
+    assert cli("cp", f"{session}:{remote}/top.txt", "-").stdout == b"top\n"
+    missing = cli("cp", f"{session}:{remote}/nope", str(tmp_path / "x"))
+    assert missing.returncode == 1 and b"No such file or directory" in missing.stderr and b"nope" in missing.stderr
+    both_local = cli("cp", str(tree), str(tmp_path / "y"))
+    assert both_local.returncode == 1 and b"name one session path" in both_local.stderr

@@ -9,6 +9,10 @@ ShellqError
 ├── AccessDeniedError(ShellqError, PermissionError) this Redis user may not do that (another session's keys)
 ├── SessionStateLostError                        Redis came back without the session's consumer group
 ├── FencedError                                  a worker's lease was taken over: it may no longer take or commit
+├── SessionFileError(ShellqError, OSError)       a file operation failed in the session (errno, filename)
+│   ├── SessionFileNotFoundError(.., FileNotFoundError), SessionIsADirectoryError(.., IsADirectoryError),
+│   ├── SessionNotADirectoryError(.., NotADirectoryError), SessionPermissionError(.., PermissionError)
+│   └── FileTooLargeError                        over the size limit asked for
 └── WaitError                                    a producer's wait for a result ended without one
     ├── NoWorkerError                            nobody is serving the session: no live heartbeat
     ├── ResultTimeoutError(WaitError, TimeoutError) the wait ran out of time
@@ -78,3 +82,28 @@ class ResultTimeoutError(WaitError, TimeoutError):
 
 class InvalidResultError(WaitError, ValueError):
     """A result entry for the command waited for cannot be decoded; the message names the stream and the entry."""
+
+
+class SessionFileError(ShellqError, OSError):
+    """A file operation failed in the session: `errno`, `strerror` and `filename` as the session's OS said them.
+    The subclasses below are also the builtin types an agent expects (`except FileNotFoundError` catches one)."""
+
+
+class SessionFileNotFoundError(SessionFileError, FileNotFoundError):
+    """ENOENT: no such file or directory in the session."""
+
+
+class SessionIsADirectoryError(SessionFileError, IsADirectoryError):
+    """EISDIR: a directory where a file was expected."""
+
+
+class SessionNotADirectoryError(SessionFileError, NotADirectoryError):
+    """ENOTDIR: a file where a directory was expected."""
+
+
+class SessionPermissionError(SessionFileError, PermissionError):
+    """EACCES or EPERM: the session's user may not do that."""
+
+
+class FileTooLargeError(SessionFileError):
+    """EFBIG: the file or archive is larger than the limit asked for (the message says it)."""

@@ -15,14 +15,17 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from worker import procs, protocol
+from worker import files, procs, protocol, transfer
 from worker.control import Control
 from worker.errors import (
     ConfigError,
@@ -37,6 +40,7 @@ from worker.protocol import CommandRequest, CommandResult, DecodeError
 from worker.settings import WorkerSettings, state_dir
 from worker.shell import Shell, ShellResult
 from worker.store import Entry, SessionStore, check_durability
+from worker.transfer import TransferError
 
 log = logging.getLogger("shellq.worker")
 
@@ -78,6 +82,7 @@ class Worker:
         self._lease_fresh_until = 0.0
         self._control: Control | None = None
         self._serving = False  # holds the session's lease (the session's meta is this worker's to write)
+        self._inputs: Path | None = None  # see _input_dir
 
     def _new_shell(self) -> Shell:
         s = self.settings
@@ -146,6 +151,8 @@ class Worker:
         self.shell.close()
         if self.live:
             self.live.close()
+        if self._inputs is not None:
+            shutil.rmtree(self._inputs, ignore_errors=True)
         try:
             if self._serving:  # a worker that waited for the lease or lost it must not mark its successor stopped
                 self.store.record_stop()
@@ -286,7 +293,8 @@ class Worker:
         if (reason := self.store.cancel_reason(entry_id)) is not None:
             return _result(cid, entry_id, "cancelled", protocol.cancelled_error(reason))
         if protocol.entry_size(fields) > protocol.MAX_ENTRY_BYTES:
-            return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes")
+            why = "the cap of hand-written entries; shellq's client sends a larger command's text in chunks"
+            return _result(cid, entry_id, "rejected", f"entry larger than {protocol.MAX_ENTRY_BYTES} bytes ({why})")
         try:
             req = protocol.decode(CommandRequest, fields)
         except DecodeError as e:
@@ -308,10 +316,22 @@ class Worker:
         if self.live:
             self.live.begin(cid, self.store.epoch)
         try:
-            live = self.live.feed if self.live else None
-            r = self.shell.run(
-                req.cmd, timeout=timeout, env=req.env, cwd=req.cwd, spool_name=cid, cancel=cancel, live=live
-            )
+            with self._input(cid, req) as (cmd, stdin):
+                if req.op != "exec" or req.user is not None:
+                    return self._beside(cid, entry_id, req, cmd, stdin, cancel, timeout)
+                live = self.live.feed if self.live else None
+                r = self.shell.run(
+                    cmd,
+                    timeout=timeout,
+                    env=req.env,
+                    cwd=req.cwd,
+                    spool_name=cid,
+                    cancel=cancel,
+                    live=live,
+                    stdin=stdin,
+                )
+        except TransferError as e:
+            return _result(cid, entry_id, "rejected", f"its input did not come whole: {e}", self.shell.epoch)
         except OSError as e:  # the machine failed the shell (a full /dev/shm, no descriptors left): say so, go on
             log.exception("command %s: the shell failed; starting a new bash", cid)
             epoch = self._renew()
@@ -322,6 +342,65 @@ class Worker:
             with self._lock:
                 self.running = None
         return self._from_shell(cid, entry_id, r)
+
+    @contextlib.contextmanager
+    def _input(self, cid: str, req: CommandRequest) -> Iterator[tuple[bytes, Path | None]]:
+        """The command's text and the file its input was spooled to (None: no input), from the entry or, in
+        chunks, from its input stream (TransferError when they stop coming); the file is removed afterwards.
+        Spooled to disk, not held: a 200 MiB upload costs the worker no memory."""
+        if req.stdin is None and not req.cmd_size and req.input_size is None:
+            yield req.cmd, None
+            return
+        group = self.shell.user.gid if self.shell.user else None
+        path = self._input_dir(group) / cid
+        cmd = bytearray(req.cmd)
+        try:
+            with open(path, "wb") as f:
+                os.fchmod(f.fileno(), 0o640)  # the shell's group may read it (the shell runs a command on it)
+                if group is not None:
+                    os.fchown(f.fileno(), -1, group)
+                if req.stdin is not None:
+                    f.write(req.stdin)
+                size = (req.cmd_size or 0) + (req.input_size or 0)
+                if size:
+                    for chunk in transfer.receive(self.store.redis, self.store.keys.input(cid), size):
+                        head = max(0, min(len(chunk), (req.cmd_size or 0) - len(cmd)))
+                        cmd += chunk[:head]
+                        f.write(chunk[head:])
+            has_input = req.stdin is not None or req.input_size is not None
+            yield bytes(cmd), path if has_input else None
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _input_dir(self, group: int | None) -> Path:
+        """Where input is spooled: a directory of the worker's in the temporary directory (on disk, and reachable by
+        the shell's user, unlike a session directory under the worker's home), its group the shell's."""
+        if self._inputs is None or not self._inputs.is_dir():
+            self._inputs = Path(tempfile.mkdtemp(prefix="shellq-in-"))
+            if group is not None:
+                os.chown(self._inputs, -1, group)
+                os.chmod(self._inputs, 0o750)
+        return self._inputs
+
+    def _beside(
+        self, cid: str, entry_id: str, req: CommandRequest, cmd: bytes, stdin: Path | None, cancel: threading.Event,
+        timeout: float,
+    ) -> CommandResult:  # fmt: skip
+        s = self.settings
+        return files.beside(
+            req,
+            cid,
+            entry_id,
+            cmd=cmd,
+            stdin=stdin,
+            shell=self.shell,
+            open_sender=lambda: transfer.Sender(self.store.redis, self.store.keys.output(cid)),
+            cancel=cancel,
+            timeout=timeout,
+            output_cap=s.output_cap,
+            kill_grace=s.kill_grace,
+            root_commands=s.root_commands,
+        )
 
     def _renew(self) -> int:
         """Replace a shell that failed with a new one (a new epoch); return the failed shell's epoch."""

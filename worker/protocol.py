@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import ConfigError
 
@@ -86,6 +86,14 @@ class Keys(NamedTuple):
         """The journal hash of one command: `entry` (its command entry id), `res` (its result entry id)."""
         return f"{self.cmd[: -len('cmd')]}jrnl:{command_id}"
 
+    def input(self, command_id: str) -> str:
+        """The stream a command's chunked input comes on (its text past the entry cap, its stdin, a file's bytes)."""
+        return f"{self.cmd[: -len('cmd')]}in:{command_id}"
+
+    def output(self, command_id: str) -> str:
+        """The stream a file operation's output goes on in chunks (a file read, an archive) when it is large."""
+        return f"{self.cmd[: -len('cmd')]}out:{command_id}"
+
 
 def keys(session: str) -> Keys:
     check_id(session, "session id")
@@ -113,18 +121,23 @@ class WireModel(BaseModel):
         return value
 
 
-class CommandRequest(WireModel):
-    """A command on `shellq:{S}:cmd`."""
+Op = Literal["exec", "write", "read", "list", "archive", "extract"]
 
-    wire_bytes = frozenset({"cmd"})
+
+class CommandRequest(WireModel):
+    """A command on `shellq:{S}:cmd`: a shell command (`exec`) or a file operation on `path`, run in order with the
+    others (worker/files.py). Input too large for the entry comes in chunks on `shellq:{S}:in:<id>`: the command's
+    text first (`cmd_size` bytes), then its stdin or the file's bytes (`input_size` bytes)."""
+
+    wire_bytes = frozenset({"cmd", "stdin"})
     wire_packed = frozenset({"env"})
 
-    op: Literal["exec"] = "exec"
-    """What to do; only `exec` so far."""
+    op: Op = "exec"
+    """What to do: `exec` runs `cmd` in the shell; `write`, `read`, `list`, `archive` and `extract` act on `path`."""
     id: str | None = None
     """Client command id, the idempotency key; absent in hand-written entries (the entry id is used)."""
-    cmd: bytes
-    """The shell text, run as a file that bash sources."""
+    cmd: bytes = b""
+    """The shell text, run as a file that bash sources (`exec`)."""
     timeout: float | None = Field(default=None, gt=0)
     """Execution limit in seconds; None = the worker's default."""
     env: dict[str, str] | None = None
@@ -133,6 +146,27 @@ class CommandRequest(WireModel):
     """Directory entered before the command (it persists, like `cd`)."""
     idempotent: bool = False
     """Safe to run again if the worker died while it ran."""
+    stdin: bytes | None = None
+    """The command's stdin (`exec`) or the bytes to write (`write`) or unpack (`extract`), inline; None: stdin is
+    /dev/null, unless `input_size` says it comes in chunks."""
+    cmd_size: int | None = Field(default=None, ge=0)
+    """Bytes of command text that come in chunks instead of `cmd` (a command over the entry cap)."""
+    input_size: int | None = Field(default=None, ge=0)
+    """Bytes of stdin (or of the file) that come in chunks after the command text."""
+    user: str | None = None
+    """Run this one command or file operation as this user (a name or uid), in a child of the shell."""
+    path: str | None = None
+    """The file operation's path; a relative one resolves against the shell's current directory."""
+    mode: int | None = Field(default=None, ge=0, le=0o7777)
+    """`write`: the file's permission bits (default: an existing file's, else 0o644)."""
+    offset: int = Field(default=0, ge=0)
+    """`read`: where to start, in bytes."""
+    max_bytes: int | None = Field(default=None, ge=0)
+    """`read`: how many bytes at most; `archive`: the largest archive allowed."""
+    recursive: bool = False
+    """`list`: the whole tree below `path`, not only its entries."""
+    max_entries: int | None = Field(default=None, ge=1)
+    """`list`: stop after this many entries."""
 
     @field_validator("id")
     @classmethod
@@ -148,6 +182,16 @@ class CommandRequest(WireModel):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", name):
                 raise ValueError(f"invalid environment variable name {name!r}")
         return value
+
+    @model_validator(mode="after")
+    def _op_fields(self) -> CommandRequest:
+        if self.op != "exec" and not self.path:
+            raise ValueError(f"a {self.op} needs a path")
+        if self.op == "exec" and not self.cmd and not self.cmd_size and "cmd" not in self.model_fields_set:
+            raise ValueError("cmd: Field required")
+        if self.stdin is not None and self.input_size is not None:
+            raise ValueError("stdin comes inline or in chunks (input_size), not both")
+        return self
 
 
 class CommandResult(WireModel):
@@ -182,7 +226,15 @@ class CommandResult(WireModel):
     shell_epoch: int = 0
     """Increases whenever bash was respawned: a changed epoch means shell state was reset."""
     error: str | None = None
-    """Why shellq could not run the command as asked (rejected, lost, unavailable, interrupted)."""
+    """Why shellq could not run the command as asked (rejected, lost, unavailable, interrupted), or why a file
+    operation failed."""
+    errno: int | None = None
+    """A file operation that failed with an OS error: its errno (ENOENT, EISDIR, EACCES...); `error` is then its
+    strerror."""
+    filename: str | None = None
+    """The path that OS error is about."""
+    streamed: bool = False
+    """A file operation's output (`stdout_size` bytes) went in chunks on `shellq:{S}:out:<id>`, not in `stdout`."""
 
 
 class ControlRequest(WireModel):
@@ -379,7 +431,7 @@ ENV_NAMES = frozenset(
         *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
         *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME", "LEASE_TTL", "QUEUE_CAP", "RESULTS_MAX_AGE"),
         *("JANITOR_EVERY", "REQUIRE_DURABLE", "FAULT", "FAULT_AFTER", "RETRY_FOR", "INSTANCE", "SHELL_USER"),
-        *("LIVE_OUTPUT", "LIVE_MAXLEN", "LIVE_RATE", "LIVE_TTL"),
+        *("LIVE_OUTPUT", "LIVE_MAXLEN", "LIVE_RATE", "LIVE_TTL", "ROOT_COMMANDS"),
     ]
 )
 """Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""

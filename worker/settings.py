@@ -66,6 +66,9 @@ class WorkerSettings(EnvSettings):
     """Seconds results (and the commands before them) are kept."""
     janitor_every: float = Field(default=60.0, gt=0)
     """Seconds between retention passes."""
+    root_commands: bool = False
+    """Let a command or file operation ask to run as root (`user="root"`) in a session whose shell runs as another
+    user: root there reads the worker's credentials."""
     live_output: bool = True
     """Publish the output of running commands on `shellq:{S}:live` (worker/live.py)."""
     live_maxlen: int = Field(default=256, ge=1)

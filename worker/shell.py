@@ -3,8 +3,9 @@
 How a command runs (docs/design.md, "The shell"; the bash process is `worker.shell_process`, the shell code it is
 driven with `worker.shell_driver`):
 
-* its text is written to a file that bash `source`s, with stdin from /dev/null and stdout/stderr into two FIFOs the
-  worker reads while the command runs, so heredocs, quotes and multi-line input behave as in a script file;
+* its text is written to a file that bash `source`s, with stdin from /dev/null (or the file holding the stdin it
+  was given) and stdout/stderr into two FIFOs the worker reads while the command runs, so heredocs, quotes and
+  multi-line input behave as in a script file;
 * completion, exit status and cwd come back as a record on a report FIFO, tagged with a per-command nonce;
 * a timeout or interrupt sends SIGINT to bash (whose trap returns from the sourced file) and to the command's
   processes, then SIGTERM and SIGKILL to those processes, and as a last resort kills bash and respawns it;
@@ -143,6 +144,7 @@ class Shell:
         self._interrupt = threading.Event()
         self._cancel: threading.Event | None = None
         self._live: LiveSink | None = None
+        self._stdin: Path | None = None
         self._last_reap = 0.0
         self._seq = 0
         self._closed = False
@@ -152,6 +154,22 @@ class Shell:
     @property
     def pid(self) -> int:
         return self._bash.pid
+
+    @property
+    def user(self) -> ShellUser | None:
+        """The user bash runs as when it is not the worker's own."""
+        return self._user
+
+    @property
+    def cwd(self) -> str:
+        """The shell's current directory after the last command."""
+        return self._last_cwd
+
+    def exported(self) -> dict[str, str]:
+        """The shell's exported variables now (`env -0`, run in it like a command)."""
+        r = self.run("\\builtin command env -0", timeout=30)
+        pairs = (item.partition(b"=") for item in r.stdout.split(b"\0") if b"=" in item)
+        return {os.fsdecode(k): os.fsdecode(v) for k, _, v in pairs}
 
     def __enter__(self) -> Shell:
         return self
@@ -168,11 +186,13 @@ class Shell:
         spool_name: str | None = None,
         cancel: threading.Event | None = None,
         live: LiveSink | None = None,
+        stdin: Path | None = None,
     ) -> ShellResult:
         """Run one command to its end, its timeout or an interrupt. `env` is exported and `cwd` entered first (both
         persist, as if typed before the command). Setting `cancel` and then calling `interrupt()` stops this command
         even if the interrupt came before it started. `live` is given each piece of output read while the command
-        runs, from `_QUIET` seconds on (the bytes read at its end only go into the result)."""
+        runs, from `_QUIET` seconds on (the bytes read at its end only go into the result). `stdin` is a file the
+        shell's user may read, given as the command's stdin (default /dev/null)."""
         body = command.encode() if isinstance(command, str) else command
         for name in env or {}:
             if not _ENV_NAME.match(name):
@@ -184,7 +204,7 @@ class Shell:
             while read_available(self._wake_r):
                 pass
             self._seq += 1
-            self._cancel, self._live = cancel, live
+            self._cancel, self._live, self._stdin = cancel, live, stdin
             start = time.monotonic()
             refusal = self._refusal(body, cwd)
             if refusal is not None:
@@ -283,6 +303,7 @@ class Shell:
         run.live = self._live
         for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
             run.streams[bash.open_fifo(path)] = capture
+        bash.set_stdin(self._stdin)
         bash.write_command(body)
         if env or cwd is not None:
             line = shell_driver.begin_with(bash.rundir, run.nonce, bash.generation, env, cwd)
@@ -307,7 +328,7 @@ class Shell:
         command that took bash's own input away: this bash cannot go on."""
         if run.step == 0 and not run.bash_gone and run.reported and not self._bash.ran():
             run.not_run = run.bash_gone = run.killed_bash = True
-            run.error = "bash could not open the command's output (out of file descriptors?)"
+            run.error = "bash could not open the command's input or output (out of file descriptors?)"
 
     def _wait(self, run: _Running) -> None:
         """Read output and reports until the command is over, stepping through the escalation when it has to stop.

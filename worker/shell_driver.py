@@ -5,10 +5,11 @@ Each command costs bash two short lines on its stdin:
     \\__shellq_begin NONCE GEN     re-asserts what the driver needs (a command may have changed any of it), then
                                   defines the alias below with this command's nonce and FIFO generation
     __shellq_run                  the alias: wrap the traps the last command set (see below), then
-                                  `{ source FILE </dev/null >OUT 2>ERR; }; __shellq_report NONCE "$?"`,
+                                  `{ source FILE <IN >OUT 2>ERR; }; __shellq_report NONCE "$?"`,
                                   expanded at top level so `declare`, `return` and `local` in the command behave
                                   as typed at a prompt
 
+IN is the run directory's `i`, a symlink the worker points at /dev/null or at the file holding the command's stdin.
 The report is one NUL-terminated record `NONCE RC STATE CWD` opened and written to the report FIFO at report time
 (no descriptor of shellq's lives in bash, so `ulimit -n` and `exec N>&-` cannot take one away). STATE is `ok`, or
 `lost` when bash's own stdin is no longer its command pipe (a command closed the descriptor bash saved it in).
@@ -99,7 +100,7 @@ def prelude(rundir: Path) -> bytes:
     alias = "".join(
         part if part in ("$1", "$2") else _double_quoted(part)
         for part in (
-            f"{_TRAPS % {'d': d}}; {{ \\builtin source {d}/c </dev/null >{d}/o",
+            f"{_TRAPS % {'d': d}}; {{ \\builtin source {d}/c <{d}/i >{d}/o",
             "$2",
             f" 2>{d}/e",
             "$2",
@@ -171,7 +172,7 @@ def begin_with(rundir: Path, nonce: bytes, generation: int, env: dict[str, str],
         steps += f"\\builtin cd -- {shlex.quote(cwd)} {e} && "
     line = (
         f"{_TRAPS % {'d': d}}; {{ {steps}\\builtin source {d}/c {e} {{__shellq_e}}>&-; }} "
-        f"</dev/null {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
+        f"<{d}/i {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
         f'\\__shellq_report {nonce.decode()} "$?" {{__shellq_e}}>&-\n'
     )
     return b"\\__shellq_begin %s %d\n" % (nonce, generation) + line.encode(errors="surrogateescape")

@@ -64,24 +64,25 @@ class ShellUser:
     home: str
 
     @classmethod
-    def resolve(cls, spec: str | None) -> ShellUser | None:
+    def resolve(cls, spec: str | None, what: str = "SHELLQ_SHELL_USER") -> ShellUser | None:
         """A user name or numeric uid; None when unset or the worker's own uid. A uid with no passwd entry gets gid
-        = uid, no other groups and HOME=/. Raises ConfigError for an unknown name, or a non-root worker."""
+        = uid, no other groups and HOME=/. Raises ConfigError for an unknown name, or a non-root worker (the
+        message names the setting, `what`)."""
         if not spec:
             return None
         try:
             entry: pwd.struct_passwd | None = pwd.getpwuid(int(spec)) if spec.isdecimal() else pwd.getpwnam(spec)
         except KeyError:
             if not spec.isdecimal():
-                raise ConfigError(f"SHELLQ_SHELL_USER={spec}: no such user") from None
+                raise ConfigError(f"{what}={spec}: no such user") from None
             entry = None
         uid = int(spec) if entry is None else entry.pw_uid
         if uid >= 0xFFFFFFFF:
-            raise ConfigError(f"SHELLQ_SHELL_USER={spec}: not a valid uid")
+            raise ConfigError(f"{what}={spec}: not a valid uid")
         if uid == os.geteuid():
             return None
         if os.geteuid() != 0:
-            raise ConfigError(f"SHELLQ_SHELL_USER={spec} needs a worker running as root")
+            raise ConfigError(f"{what}={spec} needs a worker running as root")
         if entry is None:
             return cls(spec, uid, uid, (), "/")
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
@@ -95,6 +96,16 @@ class ShellUser:
         home = Path(self.home)
         steps = [(home, 0o5), *((parent, 0o1) for parent in home.parents)]
         return self.home if home.is_absolute() and all(self._may(d, bits) for d, bits in steps) else "/"
+
+    def may_run(self, program: str) -> bool:
+        """Can this user execute `program` (every directory on its real path searchable, the file executable)?"""
+        real = Path(os.path.realpath(program))
+        try:
+            info = os.stat(real)
+        except OSError:
+            return False
+        shift = 6 if info.st_uid == self.uid else 3 if info.st_gid in (self.gid, *self.groups) else 0
+        return all(self._may(d, 0o1) for d in real.parents) and (info.st_mode >> shift) & 0o1 == 0o1
 
     def _may(self, directory: Path, bits: int) -> bool:
         try:
@@ -150,6 +161,9 @@ class ShellProcess:
         self.rewrite = (f"{self.cmd_file}: ".encode(), b"bash: ")
         """bash's name for the command file in its messages, and what a terminal would show instead."""
         self.generation = 0
+        self.stdin_link = self.rundir / "i"
+        """What a command's stdin is: a symlink to /dev/null, or to the file `set_stdin` named."""
+        self._stdin_from: str | None = None
         self.cmd_fd = self.report_fd = -1
         self.out_path, self.err_path = self.rundir / "o0", self.rundir / "e0"
         self.restore_files()
@@ -231,6 +245,9 @@ class ShellProcess:
                 p.unlink(missing_ok=True)
                 os.mkfifo(p, 0o600)
                 self._hand_over(p)
+        if not self.stdin_link.is_symlink():
+            self._stdin_from = None
+            self.set_stdin(None)
         renewed = False
         if self.report_fd < 0 or not _same_file(self.report_fd, self.rundir / "r"):
             _close(self.report_fd)
@@ -241,6 +258,17 @@ class ShellProcess:
             _close(self.cmd_fd)
             self.cmd_fd = self._hand_over_new(self.cmd_file, os.O_RDWR)
         return renewed
+
+    def set_stdin(self, path: Path | None) -> None:
+        """Point the next command's stdin at `path` (a file the shell user may read), or /dev/null."""
+        target = str(path or os.devnull)
+        if target == self._stdin_from and self.stdin_link.is_symlink():
+            return
+        new = self.rundir / "i.new"
+        new.unlink(missing_ok=True)
+        os.symlink(target, new)
+        os.replace(new, self.stdin_link)
+        self._stdin_from = target
 
     def _hand_over_new(self, path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
