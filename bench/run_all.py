@@ -40,6 +40,7 @@ RUNS = [
     ("Many sessions at once", ["run_many.py", "--json", "RESULTS/run_many.json"]),
     ("Live output", ["live.py", "--json", "RESULTS/live.json"]),
     ("Through the manager (RQ)", ["manager.py", "--json", "RESULTS/manager.json"]),
+    ("Files and stdin", ["files.py", "--json", "RESULTS/files.json"]),
 ]
 PEERS = [  # the docker-exec-based peers and SWE-ReX: shellq is to be >= 100x faster than each
     "docker exec (CLI)",

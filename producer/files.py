@@ -11,6 +11,7 @@ every side: a chunk of CHUNK bytes at a time here, WINDOW chunks in Redis, files
 from __future__ import annotations
 
 import errno as errnos
+import itertools
 import json
 import os
 import tarfile
@@ -178,13 +179,22 @@ def submit(
 
 
 def _chunks(cmd: bytes, source: Iterable[bytes]) -> Iterator[bytes]:
-    """The command's text, then the source, cut in CHUNK-byte pieces."""
-    pending = bytearray(cmd)
-    for data in source:
-        pending += data
-        while len(pending) >= CHUNK:
-            yield bytes(pending[:CHUNK])
-            del pending[:CHUNK]
+    """The command's text, then the source, cut in CHUNK-byte pieces (a large piece is sliced, not copied whole)."""
+    pending = bytearray()
+    for data in itertools.chain([cmd], source):
+        view = memoryview(data)
+        if pending:
+            fill = CHUNK - len(pending)
+            pending += view[:fill]
+            view = view[fill:]
+            if len(pending) < CHUNK:
+                continue
+            yield bytes(pending)
+            pending.clear()
+        while len(view) >= CHUNK:
+            yield bytes(view[:CHUNK])
+            view = view[CHUNK:]
+        pending += view
     if pending:
         yield bytes(pending)
 
