@@ -4,6 +4,7 @@ a cancelled await loses no result; one event loop drives 200 sessions x 20 comma
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from helpers import ROOT, RedisServer, wait_for
 
-from producer import AsyncClient, Client, ClientSettings, NoWorkerError, Result, ResultTimeoutError
+from producer import AsyncClient, Client, ClientSettings, NoWorkerError, Result, ResultTimeoutError, ShellqError
 from worker.loop import Worker
 
 
@@ -106,6 +107,33 @@ def test_run_many_items_stand_alone(twin: Twin, start_worker: Callable[..., Work
     assert isinstance(results[0], Result) and results[0].stdout == "a\n"
     assert isinstance(results[1], NoWorkerError)
     assert isinstance(results[2], Result) and results[2].stdout == "b\n"
+
+
+def test_files_stdin_and_users(
+    twin: Twin, start_worker: Callable[..., Worker], session_id: str, tmp_path: Path
+) -> None:
+    """Issue 18's operations on both twins: chunked and inline sizes, the error types, a tree both ways."""
+    start_worker(session_id)
+    base = tmp_path / "remote"
+    twin.call(session_id, "run", f"mkdir -p {base} && cd {base}")
+    big = os.urandom((3 << 20) + 5)
+    twin.call(session_id, "write_file", "dir/big.bin", big)  # relative to the shell's cwd
+    assert twin.call(session_id, "read_file", f"{base}/dir/big.bin") == big
+    assert twin.call(session_id, "read_file", "dir/big.bin", max_bytes=3, offset=2) == big[2:5]
+    [entry] = twin.call(session_id, "list_dir", "dir")
+    assert (entry.path, entry.size, entry.is_dir) == ("dir/big.bin", len(big), False)
+    with pytest.raises(FileNotFoundError) as missing:
+        twin.call(session_id, "read_file", "dir/none")
+    assert isinstance(missing.value, ShellqError) and missing.value.filename == "dir/none"
+    assert twin.call(session_id, "run", "sha256sum", stdin=big).stdout.split()[0] == hashlib.sha256(big).hexdigest()
+    assert twin.call(session_id, "run", "cat | wc -c", stdin=b"a\0b").stdout == "3\n"
+    local = tmp_path / "local"
+    twin.call(session_id, "download", f"{base}/dir", local)
+    assert (local / "big.bin").read_bytes() == big
+    twin.call(session_id, "upload", local, "copy")
+    assert twin.call(session_id, "read_file", "copy/big.bin") == big
+    if os.geteuid() == 0:
+        assert twin.call(session_id, "run", "id -un", user="nobody").stdout == "nobody\n"
 
 
 def test_cancelled_await_loses_no_result(
