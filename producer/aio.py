@@ -331,7 +331,7 @@ class AsyncSession:
     async def _submit(self, req: CommandRequest, read_from: str | None) -> tuple[str, bool, Any]:
         assert req.id is not None
         settings = self.client.settings
-        commands = [core.submit_call(self.keys, settings.journal_ttl, settings.queue_cap, req)]
+        commands = [core.submit_call(self.keys, settings, req)]
         if read_from is not None:
             commands += [core.read_call(self.keys, read_from, 1000), core.journal_call(self.keys, req.id)]
         replies = await self.client.fcall(*commands)
@@ -405,7 +405,7 @@ async def _run_many(client: AsyncClient, items: Sequence[tuple[Any, ...]], timeo
         try:
             sid, req = batch.plan(item, timeout)
             session = sessions.setdefault(sid, client.session(sid))
-            call = core.submit_call(session.keys, settings.journal_ttl, settings.queue_cap, req)
+            call = core.submit_call(session.keys, settings, req)
         except ShellqError as e:
             out[i] = e
             continue

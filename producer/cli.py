@@ -24,6 +24,12 @@
                                                -u runs it as USER in a child of the shell
     shellq cp SRC DST                          copy files or trees to or from a session (S:PATH, like docker cp;
                                                DST - prints a session file)
+    shellq log S [--full] [--json] [--follow] [--since ID]
+                                               the session's commands and results in order
+    shellq replay SRC DST [--until ID] [--dry-run] [--skip-failed] [--to-url URL]
+                                               run SRC's commands again in DST (ids derived from SRC's: a
+                                               replay resumed runs each at most once); a table of original vs
+                                               replayed, exit 1 at a difference
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
                                                run shellq's RQ jobs (start, stop, gc of docker sessions) beside
@@ -50,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer import files
+from producer import files, history
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
@@ -187,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_ops_verbs(verbs)
 
     _add_exec_verbs(verbs)
+    _add_history_verbs(verbs)
     return p
 
 
@@ -211,6 +218,25 @@ def _add_exec_verbs(verbs: Any) -> None:
     cp.add_argument("destination", help="S:PATH, a local path, or - (a session file to stdout)")
     cp.add_argument("-u", "--user", help="read or write in the session as this user")
     cp.set_defaults(handler=cmd_cp)
+
+
+def _add_history_verbs(verbs: Any) -> None:
+    """`shellq log` and `shellq replay`."""
+    log = verbs.add_parser("log", help="a session's commands and results, in order")
+    log.add_argument("name")
+    log.add_argument("--full", action="store_true", help="all of each command and of its output kept")
+    log.add_argument("--json", action="store_true", help="one JSON object per command (output as text and base64)")
+    log.add_argument("-f", "--follow", action="store_true", help="keep printing results as they come")
+    log.add_argument("--since", metavar="ID", help="only what came after this command id or entry id")
+    log.set_defaults(handler=cmd_log)
+    rp = verbs.add_parser("replay", help="run a session's commands again, in order, in another session")
+    rp.add_argument("source")
+    rp.add_argument("destination")
+    rp.add_argument("--until", metavar="ID", help="stop after this command id or entry id of the source")
+    rp.add_argument("--dry-run", action="store_true", help="say what would be replayed, submit nothing")
+    rp.add_argument("--skip-failed", action="store_true", help="leave out commands that did not exit 0")
+    rp.add_argument("--to-url", metavar="URL", help="the destination's Redis, when it is another server")
+    rp.set_defaults(handler=cmd_replay)
 
 
 def _add_ops_verbs(verbs: Any) -> None:
@@ -545,6 +571,111 @@ def cmd_cp(args: argparse.Namespace) -> int:
         remote += Path(args.source).resolve().name
     session.upload(args.source, remote, user=args.user)
     return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    session = _client().session(args.name)
+    show = _record_json if args.json else (lambda record: _record_text(record, args.full))
+    (tail,) = session.client.send(("XREVRANGE", session.keys.res, "+", "-", "COUNT", 1))
+    after = tail[0][0].decode() if tail else "0-0"
+    records = history.history(session, since=args.since)
+    if not records and not args.follow and not session.client.redis.exists(session.keys.cmd):
+        raise CliError(f"session {args.name} has no history (no command stream)")
+    shown = set()
+    for record in records:
+        print(show(record), flush=True)
+        if record.result is not None:
+            shown.add(record.entry_id)
+    while args.follow:
+        results, after = history.wait_new_results(session, after)
+        for result in results:
+            if result.entry_id not in shown:
+                record = history.Record(
+                    result.entry_id, result.id, history.request_of(session, result.entry_id), result
+                )
+                print(show(record), flush=True)
+    return 0
+
+
+def _record_text(record: history.Record, full: bool) -> str:
+    """A command's block in `shellq log`: its ids, time and submitter; the command; how it ended; its output."""
+    req, res = record.request, record.result
+    by = f" by {_printable(req.by)}" if req is not None and req.by else ""
+    when = record.submitted.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    lines = [f"{_printable(record.command_id)}  ({record.entry_id})  {when}{by}"]
+    command = req.cmd.decode(errors="replace") if full and req is not None and req.op == "exec" else None
+    shown = command.splitlines() if command else [history.describe(req)]
+    lines += [f"  $ {_printable(line)}" for line in shown]
+    if res is None:
+        lines.append("  (no result yet: queued or running)")
+        return "\n".join(lines)
+    facts = [res.status] + ([f"exit {res.exit_code}"] if res.exit_code is not None else [])
+    facts += [f"{res.duration_ms / 1000:.3f} s", f"cwd {_printable(res.cwd or '?')}", f"epoch {res.shell_epoch}"]
+    lines.append("  " + ", ".join(facts) + (f": {_printable(res.error)}" if res.error else ""))
+    for mark, data, size in (("|", res.stdout, res.stdout_size), ("!", res.stderr, res.stderr_size)):
+        out = data.decode(errors="replace").splitlines()
+        if not full and len(out) > 5:
+            out = [*out[:3], f"... {len(out) - 5} more lines (--full shows them)", *out[-2:]]
+        lines += [f"  {mark} {_printable(line)}" for line in out]
+        if size > len(data):
+            lines.append(f"  {mark} [{size} bytes in all; the rest is in {_printable(res.spool_path or 'the spool')}]")
+    return "\n".join(lines)
+
+
+def _record_json(record: history.Record) -> str:
+    req, res = record.request, record.result
+    view: dict[str, Any] = {"entry_id": record.entry_id, "id": record.command_id}
+    view["submitted_at"] = record.submitted.isoformat()
+    if req is not None:
+        view["request"] = req.model_dump(mode="json", exclude={"cmd", "stdin", "v"}) | {
+            "cmd": req.cmd.decode(errors="replace"),
+            "stdin_b64": base64.b64encode(req.stdin).decode() if req.stdin is not None else None,
+        }
+    else:
+        view["problem"] = record.problem
+    if res is not None:
+        view["result"] = res.model_dump(mode="json", exclude={"stdout", "stderr", "v"}) | {
+            "stdout": res.stdout.decode(errors="replace"),
+            "stderr": res.stderr.decode(errors="replace"),
+            "stdout_b64": base64.b64encode(res.stdout).decode(),
+            "stderr_b64": base64.b64encode(res.stderr).decode(),
+        }
+    return json.dumps(view)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Exit status 0 when every replayed command ended as its original did, 1 when one did not (the first is
+    named), 125 when the replay could not go on."""
+    source = _client().session(args.source)
+    destination = (_client(args.to_url) if args.to_url else source.client).session(args.destination)
+    print(f"{'command':<22}{'what':<42}{'original':<16}{'replayed':<16}")
+
+    def row_line(row: history.Row) -> None:
+        res, rep = row.record.result, row.replayed
+        original = f"{res.status} {'' if res.exit_code is None else res.exit_code}" if res else "-"
+        replayed = f"{rep.status} {'' if rep.exit_code is None else rep.exit_code}" if rep else "-"
+        if row.skipped:
+            replayed = "skipped" if not args.dry_run or "never ran" in row.skipped else "would skip"
+        elif args.dry_run:
+            replayed = "would run"
+        what = _printable(history.describe(row.record.request, 38))
+        mark = "" if row.same else "  <- differs"
+        print(f"{_printable(row.record.command_id)[:21]:<22}{what[:41]:<42}{original:<16}{replayed:<16}{mark}")
+        if row.skipped and "never ran" not in row.skipped:
+            print(f"{'':<22}({_printable(row.skipped)})")
+
+    report = history.replay(
+        source, destination, until=args.until, dry_run=args.dry_run, skip_failed=args.skip_failed, on_row=row_line
+    )
+    if report.rows and report.rows[-1].skipped and "stops here" in report.rows[-1].skipped:
+        row_line(report.rows[-1])
+    first = report.first_difference
+    ran = sum(1 for row in report.rows if row.replayed is not None)
+    if first is None:
+        print(f"{ran} commands replayed into {args.destination}; each ended as its original did")
+        return 0
+    print(f"first difference: {first.record.command_id} ({first.record.entry_id}); {ran} commands replayed")
+    return 1
 
 
 def _session_path(text: str) -> tuple[str, str] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import math
 import os
+import socket
 import time
 import uuid
 import weakref
@@ -16,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from producer import core, files
+from producer import history as _history
 from producer.result import Chunk, FileInfo, Result
 from worker import protocol
 from worker.errors import (
@@ -28,6 +31,14 @@ from worker.errors import (
 from worker.protocol import CommandRequest, EnvSettings
 
 RUN_MARGIN = core.RUN_MARGIN
+
+
+def _default_name() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (a container's)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 class ClientSettings(EnvSettings):
@@ -43,6 +54,8 @@ class ClientSettings(EnvSettings):
     """Seconds a submitted command id stays known (the idempotent-submit window)."""
     queue_cap: int = Field(default=1000, ge=1)
     """Unfinished commands a session may hold until its worker has said its own cap."""
+    client_name: str = Field(default_factory=_default_name, max_length=200)
+    """Who this client is, recorded with each command it submits (`by`; `shellq log` shows it): user@host."""
     retry_for: float = Field(default=10.0, ge=0)
     """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
 
@@ -292,6 +305,23 @@ class Session:
             yield from follow.take(rest)
         yield from follow.rest(result or found.result or self._read_result(command_id, found.fetch or ""))
 
+    # -- history: read back and run again (producer/history.py) -------------------------------------------------
+
+    def history(self, since: str | None = None, until: str | None = None) -> list[_history.Record]:
+        """The session's commands in order, each with its result (None while it has none): after `since`, up to
+        `until` (command ids or entry ids). Reads the streams only: works without a worker."""
+        return _history.history(self, since, until)
+
+    def replay(
+        self, destination: Session | str, *, until: str | None = None, dry_run: bool = False, skip_failed: bool = False
+    ) -> _history.Report:
+        """Run this session's commands again, in order, in `destination` (a Session, possibly of another server,
+        or a session id on this one), under ids derived from these (a replay run again runs nothing twice);
+        returns each command's original and replayed ends (`Report.first_difference`). What is replayed and
+        skipped: producer/history.py."""
+        target = self.client.session(destination) if isinstance(destination, str) else destination
+        return _history.replay(self, target, until=until, dry_run=dry_run, skip_failed=skip_failed)
+
     # -- files: ordered with the commands, run as the shell's user (or `user`), relative paths from its cwd ------
 
     def write_file(
@@ -374,7 +404,7 @@ class Session:
 
     def _submit_call(self, req: CommandRequest) -> tuple[Any, ...]:
         settings = self.client.settings
-        return core.submit_call(self.keys, settings.journal_ttl, settings.queue_cap, req)
+        return core.submit_call(self.keys, settings, req)
 
     def _submitted(self, req: CommandRequest, reply: Any) -> bool:
         return core.submitted(self.id, req, reply)

@@ -8,12 +8,15 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 from pydantic import ValidationError
 
 from producer.result import Chunk, Result
+
+if TYPE_CHECKING:
+    from producer.client import ClientSettings
 from worker import protocol
 from worker.errors import (
     AccessDeniedError,
@@ -84,15 +87,18 @@ def request(
         raise ConfigError(str(e)) from None
 
 
-def submit_call(keys: protocol.Keys, journal_ttl: int, queue_cap: int, req: CommandRequest) -> tuple[Any, ...]:
-    """The FCALL shellq_submit of `req`; InvalidRequestError for an entry over the size limit."""
+def submit_call(keys: protocol.Keys, settings: ClientSettings, req: CommandRequest) -> tuple[Any, ...]:
+    """The FCALL shellq_submit of `req`, signed with the client's name (`by`, unless the request names one);
+    InvalidRequestError for an entry over the size limit."""
     assert req.id is not None
     fields = protocol.encode(req)
+    if req.by is None and settings.client_name:
+        fields["by"] = settings.client_name.encode()
     size = sum(len(name) + len(value) for name, value in fields.items())
     if size > protocol.MAX_ENTRY_BYTES:
         raise InvalidRequestError(f"command entry is {size} bytes; the limit is {protocol.MAX_ENTRY_BYTES}")
     submit: tuple[Any, ...] = ("FCALL", "shellq_submit", 3, keys.cmd, keys.jrnl(req.id), keys.seq)
-    submit += (protocol.CALLER, journal_ttl, queue_cap, req.id)
+    submit += (protocol.CALLER, settings.journal_ttl, settings.queue_cap, req.id)
     return submit + tuple(x for kv in fields.items() for x in kv)
 
 

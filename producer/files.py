@@ -170,7 +170,7 @@ def submit(
     worker has all but the last WINDOW chunks. False when its id was accepted before (nothing is sent again)."""
     assert req.id is not None
     settings = session.client.settings
-    (reply,) = yield Send((core.submit_call(session.keys, settings.journal_ttl, settings.queue_cap, req),), True)
+    (reply,) = yield Send((core.submit_call(session.keys, settings, req),), True)
     if not core.submitted(session.id, req, reply):
         return False
     if req.cmd_size or req.input_size:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer
+from helpers import RedisServer, wait_for
 
 from producer import (
     Client,
@@ -36,6 +36,7 @@ from producer import (
     SessionNotADirectoryError,
     SessionPermissionError,
     ShellqError,
+    files,
 )
 from worker import protocol
 from worker.loop import Worker
@@ -661,16 +662,28 @@ def test_a_refused_command_with_a_large_stdin_leaves_nothing_behind(
 def test_a_20_mib_transfer_holds_at_most_window_chunks_in_redis(
     client: Client, session: Session, remote: Path, session_id: str, direction: str
 ) -> None:
-    """Sampled from another thread: the stream never holds more than WINDOW chunks (and did carry some)."""
+    """The side that is ahead stops at WINDOW chunks in Redis and waits: a write queued behind a busy shell fills
+    the input stream to WINDOW and no further; a read whose reader does not read yet fills the output stream to
+    WINDOW and no further. Then the transfer completes, byte-exact."""
     data = blob(20 * MiB, seed=12)
     path = str(remote / "big")
     keys = protocol.keys(session_id)
     if direction == "read":
         session.write_file(path, data)
-    with StreamWatch(client.redis, keys.input("*") if direction == "write" else keys.output("*")) as w:
+    stream = keys.input("*") if direction == "write" else keys.output("*")
+    with StreamWatch(client.redis, stream) as w:
         if direction == "write":
+            busy = session.submit("sleep 1")  # the worker takes the write only after this: the producer waits
             session.write_file(path, data)
+            assert session.result(busy).ok
         else:
-            assert sha(session.read_file(path)) == sha(data)
+            req = files.request("read", path)
+            deadline = time.monotonic() + 60
+            files.drive(session, files.submit(session, req, deadline=deadline))
+            wait_for(lambda: w.most >= WINDOW)  # the worker has filled the window and waits for the reader
+            time.sleep(0.3)  # it stays there: nobody reads
+            got = bytearray()
+            result = files.drive(session, files._wait(session, req.id or "", got.extend, deadline))
+            assert result.streamed and bytes(got) == data
     assert sha((remote / "big").read_bytes()) == sha(data)
-    assert 1 <= w.most <= WINDOW
+    assert w.most == WINDOW

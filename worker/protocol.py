@@ -167,6 +167,8 @@ class CommandRequest(WireModel):
     """`list`: the whole tree below `path`, not only its entries."""
     max_entries: int | None = Field(default=None, ge=1)
     """`list`: stop after this many entries."""
+    by: str | None = None
+    """Who submitted it (the client's `client_name`, user@host by default); for `shellq log`."""
 
     @field_validator("id")
     @classmethod
@@ -431,7 +433,7 @@ ENV_NAMES = frozenset(
         *("SHUTDOWN_GRACE", "KILL_GRACE", "OUTPUT_CAP", "SPOOL_QUOTA", "WORK_DIR", "RESULTS_MAXLEN"),
         *("JOURNAL_TTL", "BLOCK_MS", "NO_WORKER_AFTER", "HOME", "LEASE_TTL", "QUEUE_CAP", "RESULTS_MAX_AGE"),
         *("JANITOR_EVERY", "REQUIRE_DURABLE", "FAULT", "FAULT_AFTER", "RETRY_FOR", "INSTANCE", "SHELL_USER"),
-        *("LIVE_OUTPUT", "LIVE_MAXLEN", "LIVE_RATE", "LIVE_TTL", "ROOT_COMMANDS"),
+        *("LIVE_OUTPUT", "LIVE_MAXLEN", "LIVE_RATE", "LIVE_TTL", "ROOT_COMMANDS", "CLIENT_NAME"),
     ]
 )
 """Every SHELLQ_* variable shellq reads (worker and producer); others are warned about, not fatal."""

@@ -95,6 +95,15 @@ class Redis:
         for conn in conns:
             conn.close()
 
+    def release(self) -> None:
+        """Close the calling thread's connection (a thread that is done with Redis; `close` may have run already)."""
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._lock:
+                self._open.discard(conn)
+            conn.close()
+
     def _connection(self) -> _Connection:
         conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:

@@ -57,11 +57,14 @@ class SessionStore:
     def wake(self) -> None:
         """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
         blocking reads. Best effort: without the permission, the reads end within a second anyway."""
-        with contextlib.suppress(RedisUnavailableError, RedisReplyError):
-            for line in self.redis.call("CLIENT", "LIST").decode().splitlines():
-                client = dict(kv.partition("=")[::2] for kv in line.split(" "))
-                if client.get("name") == self.name and client.get("cmd") == "xread":
-                    self.redis.call("CLIENT", "UNBLOCK", client["id"])
+        try:
+            with contextlib.suppress(RedisUnavailableError, RedisReplyError):
+                for line in self.redis.call("CLIENT", "LIST").decode().splitlines():
+                    client = dict(kv.partition("=")[::2] for kv in line.split(" "))
+                    if client.get("name") == self.name and client.get("cmd") == "xread":
+                        self.redis.call("CLIENT", "UNBLOCK", client["id"])
+        finally:
+            self.redis.release()  # this thread's own connection: the worker may have closed the others already
 
     def close(self) -> None:
         self.redis.close()
