@@ -8,7 +8,8 @@ queued gets them answered `unavailable` at once (a watcher on Docker's event str
 dead environment for a failing command or waits for nothing.
 
 Containers carry `shellq.session=S` and `shellq.instance=<the Redis server's shellq id>`: many shellq servers can
-share one engine, and stop, gc and cleanup only ever touch their own server's containers.
+share one engine, and stop, gc and cleanup only ever touch their own server's containers. So do the snapshot images
+a fork starts from (containers/fork.py), which go when the fork's session stops.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ before the container starts: root's, 0600."""
 ORPHAN_AFTER = 30
 """Seconds without a heartbeat (or, for a container still starting, since it was created) after which `gc` takes
 a container for an orphan."""
+FORK_LABEL = "shellq.fork"
+"""On a snapshot image (`shellq fork`, containers/fork.py): the session started from it, which owns it."""
+SNAPSHOTS = "shellq-fork"
+"""The repository of snapshot images, tagged `<server id>-<session>`; removed when their session stops or by `gc`."""
 
 
 def server_id(r: redis.Redis) -> str:
@@ -265,7 +270,8 @@ class DockerBackend:
         return self._wait_for_worker(session, container, container.labels.get(WORKER_LABEL, ""), start_timeout)
 
     def stop(self, session: str, timeout: float = 10.0) -> bool:
-        """Stop and remove the session's containers of this server (idempotent); returns whether one was there."""
+        """Stop and remove the session's containers of this server, and its snapshot image when it is a fork
+        (idempotent); returns whether a container was there."""
         self._stopping.add(session)
         found = self._containers(session)
         for container in found:
@@ -274,6 +280,7 @@ class DockerBackend:
             self._remove(container.id)
         self._started.pop(session, None)
         access.revoke(self.redis, session)
+        self._remove_snapshots(self._snapshots(session))
         return bool(found)
 
     def forget(self, session: str) -> None:
@@ -281,8 +288,9 @@ class DockerBackend:
         self._started.pop(session, None)
 
     def gc(self, dry_run: bool = False) -> list[str]:
-        """Remove this server's containers whose session is gone or whose worker's heartbeat expired (30 s); returns
-        their sessions. `dry_run`: only say which."""
+        """Remove this server's containers whose session is gone or whose worker's heartbeat expired (30 s), then
+        its snapshot images (`shellq fork`) that no container uses; returns their sessions. `dry_run`: only say
+        which."""
         removed = []
         self.redis.ping()  # without Redis no container can be judged
         for container in self._containers():
@@ -297,6 +305,10 @@ class DockerBackend:
             self._remove(container.id)
             if protocol.ID_PATTERN.match(session):
                 access.revoke(self.redis, session)
+        orphans = self._orphan_snapshots()
+        removed += [s for s in orphans if s not in removed]
+        if not dry_run:
+            self._remove_snapshots(list(orphans.values()))
         return removed
 
     def close(self) -> None:
@@ -331,6 +343,42 @@ class DockerBackend:
         labels = [f"{INSTANCE_LABEL}={self.instance}", f"{LABEL}={session}" if session else LABEL]
         found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels})
         return found
+
+    def _snapshots(self, session: str | None = None) -> list[Any]:
+        """This server's snapshot images (of one session, when given): tagged ones; an untagged one left as the
+        parent of a fork of a fork goes when its last child does."""
+        labels = [f"{INSTANCE_LABEL}={self.instance}", f"{FORK_LABEL}={session}" if session else FORK_LABEL]
+        found: list[Any] = self.docker.images.list(filters={"label": labels})
+        return found
+
+    def _orphan_snapshots(self) -> dict[str, Any]:
+        """session -> its snapshot image, for the snapshots no container of this server uses whose session has no
+        container either, and no meta (a fork claims its session's meta before it makes the image) or an image
+        older than ORPHAN_AFTER (a fork that died half way)."""
+        containers = self._containers()
+        used = {c.attrs.get("Image") for c in containers}
+        alive = {c.labels.get(LABEL, "") for c in containers}
+        orphans = {}
+        for image in self._snapshots():
+            session = image.labels.get(FORK_LABEL, "")
+            if image.id in used or session in alive:
+                continue
+            known = protocol.ID_PATTERN.match(session) and self.redis.exists(protocol.keys(session).meta)
+            if not known or _age(image) >= ORPHAN_AFTER:
+                orphans[session] = image
+        return orphans
+
+    def _remove_snapshots(self, images: Sequence[Any]) -> None:
+        """Remove snapshot images by their snapshot tags (one that is the parent of another snapshot only loses its
+        tag; another tag someone gave it stays); one still in use stays for a later `gc`."""
+        for image in images:
+            for tag in (t for t in image.tags if t.startswith(f"{SNAPSHOTS}:")):
+                try:
+                    self.docker.images.remove(tag)
+                except NotFound:
+                    pass
+                except APIError as e:
+                    log.warning("snapshot image %s stays: %s", tag, e.explanation or e)
 
     def _create(self, image: str, options: dict[str, Any], user: str, disk: str | None, memory: str) -> Any:
         """containers.create, with the disk limit as a quota on the container's layer where the storage driver has
