@@ -295,6 +295,13 @@ class AsyncSession:
         """`Session.download` (unpacking a directory runs in a thread)."""
         await self._drive(files.download(self, remote, local, user, timeout))
 
+    async def fork(self, new: str, *, timeout: float = 120.0, start_timeout: float = 60.0) -> AsyncSession:
+        """`Session.fork` (its Docker calls run in threads)."""
+        from containers.fork import fork_steps
+
+        await self._drive(fork_steps(self, new, timeout=timeout, start_timeout=start_timeout))
+        return self.client.session(new)
+
     async def _drive(self, steps: files.Steps[T]) -> T:
         """files.drive, awaited."""
         reply: Any = None

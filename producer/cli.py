@@ -30,6 +30,7 @@
                                                run SRC's commands again in DST (ids derived from SRC's: a
                                                replay resumed runs each at most once); a table of original vs
                                                replayed, exit 1 at a difference
+    shellq fork S NEW [--timeout T]            a new docker session from S's files (docker commit) and shell state
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
                                                run shellq's RQ jobs (start, stop, gc of docker sessions) beside
@@ -237,6 +238,11 @@ def _add_history_verbs(verbs: Any) -> None:
     rp.add_argument("--skip-failed", action="store_true", help="leave out commands that did not exit 0")
     rp.add_argument("--to-url", metavar="URL", help="the destination's Redis, when it is another server")
     rp.set_defaults(handler=cmd_replay)
+    fk = verbs.add_parser("fork", help="a new docker session from a session's files and shell state")
+    fk.add_argument("source")
+    fk.add_argument("new")
+    fk.add_argument("--timeout", type=float, default=120.0, help="seconds the fork may take (default 120)")
+    fk.set_defaults(handler=cmd_fork)
 
 
 def _add_ops_verbs(verbs: Any) -> None:
@@ -676,6 +682,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
     print(f"first difference: {first.record.command_id} ({first.record.entry_id}); {ran} commands replayed")
     return 1
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from containers import fork
+
+    made = fork.fork(_client().session(args.source), args.new, timeout=args.timeout)
+    print(made.session)
+    _say(f"forked from {made.source} at {made.forked_at} (image {made.image})")
+    return 0
 
 
 def _session_path(text: str) -> tuple[str, str] | None:

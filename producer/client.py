@@ -322,6 +322,16 @@ class Session:
         target = self.client.session(destination) if isinstance(destination, str) else destination
         return _history.replay(self, target, until=until, dry_run=dry_run, skip_failed=skip_failed)
 
+    def fork(self, new: str, *, timeout: float = 120.0, start_timeout: float = 60.0) -> Session:
+        """A new docker session `new` from this one's filesystem (`docker commit`, paused while it is taken) and
+        shell state (cwd, exported variables, functions, aliases, options; not its processes), whose meta says
+        `forked_from` and `forked_at`; this session goes on untouched. Needs the admin's URL and a docker session
+        of this server. ConfigError, ShellqError. See containers/fork.py for what is and is not carried over."""
+        from containers.fork import fork_steps
+
+        files.drive(self, fork_steps(self, new, timeout=timeout, start_timeout=start_timeout))
+        return self.client.session(new)
+
     # -- files: ordered with the commands, run as the shell's user (or `user`), relative paths from its cwd ------
 
     def write_file(

@@ -123,6 +123,8 @@ def test_errexit_ends_the_shell_as_in_a_terminal_and_the_next_command_runs(shell
         "trap '' INT",
         "trap 'return 5' RETURN",
         "trap 'echo ret-trap' RETURN ERR DEBUG EXIT",
+        "alias builtin=false; set -e; trap 'echo dbg-trap' DEBUG",  # the driver's trap wrapping is alias-proof
+        "alias builtin=false; trap 'echo err-trap' ERR",
     ],
 )
 def test_traps_never_fire_for_shellq(shell: Shell, tmp_path: Path, trap: str) -> None:

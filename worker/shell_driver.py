@@ -134,7 +134,7 @@ __shellq_wrap_trap() {{
   builtin local q=
   [[ $1 != {guard}* ]] || builtin return 0
   builtin printf -v q %q {guard}"$1"$'\\n}}' || ((1))
-  builtin printf -v __shellq_t '%sbuiltin trap -- %s %s\\n' "${{__shellq_t-}}" "$q" "$2" || ((1))
+  builtin printf -v __shellq_t '%s\\\\builtin trap -- %s %s\\n' "${{__shellq_t-}}" "$q" "$2" || ((1))
 }}
 __shellq_report() {{
   unset -f builtin
