@@ -188,7 +188,29 @@ def build_image(engine: Any, base: str, tag: str, *extra: str) -> str:
     return tag
 
 
+TEST_IMAGE = f"shellq-worker:test-{RUN_ID}"
+"""This run's worker image: a tag of its own, so that test runs sharing an engine never run each other's code."""
+
+
 @pytest.fixture(scope="module")
 def image(engine: Any) -> str:
-    """The worker image on the debootstrap base."""
-    return build_image(engine, DOCKER_BASE, "shellq-worker:test")
+    """The worker image on the debootstrap base (built once per module from this checkout; layers are cached)."""
+    return build_image(engine, DOCKER_BASE, TEST_IMAGE)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove this run's image tags (the layers stay in the build cache for the next run)."""
+    if "docker" not in sys.modules:
+        return
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env()
+        for found in client.images.list(name="shellq-worker"):
+            for tag in found.tags:
+                if tag.endswith(RUN_ID):
+                    client.images.remove(tag, noprune=True)
+        client.close()
+    except DockerException:
+        pass

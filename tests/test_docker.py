@@ -15,7 +15,7 @@ import docker
 import pytest
 from conftest import build_image, need
 from docker.errors import DockerException
-from helpers import ROOT, RedisServer, server_binaries, wait_for
+from helpers import ROOT, RUN_ID, RedisServer, server_binaries, wait_for
 
 from containers.docker_backend import LABEL, DockerBackend
 from producer import Client, ClientSettings, Session
@@ -115,7 +115,7 @@ def test_worker_killed_inside_the_container_keeps_the_crash_matrix(
 def test_image_from_a_second_base_with_another_python(
     engine: docker.DockerClient, redis_url: str, session_id: str
 ) -> None:
-    tag = build_image(engine, SECOND_BASE, "shellq-worker:test-trixie")
+    tag = build_image(engine, SECOND_BASE, f"shellq-worker:trixie-{RUN_ID}")
     with DockerBackend(redis_url, image=tag) as b:
         b.start(session_id, env=FAST)
         r = session(redis_url, session_id).run("python3 -c 'import sys; print(sys.version_info[:2])'")
