@@ -30,6 +30,8 @@
                                                run SRC's commands again in DST (ids derived from SRC's: a
                                                replay resumed runs each at most once); a table of original vs
                                                replayed, exit 1 at a difference
+    shellq attach S [--read-only] [--timeout T] a prompt on S's shell for a person (readline, Ctrl-C interrupts,
+                                               live output); --read-only follows its results
     shellq fork S NEW [--timeout T]            a new docker session from S's files (docker commit) and shell state
     shellq gc [--dry-run]                      remove this server's session containers whose worker is gone
     shellq manager [--queue HOST] [--mount-allow PATH]... [--network-allow NAME]...
@@ -58,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from producer import files, history
+from producer.attach import add_attach_verb
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
@@ -195,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_exec_verbs(verbs)
     _add_history_verbs(verbs)
+    add_attach_verb(verbs)
     return p
 
 
