@@ -521,8 +521,8 @@ class Shell:
             run.status = "shell_exited"
             if not run.reported:
                 run.exit_code = None if run.killed_bash else code if code >= 0 else 128 - code
-        run.cwd = run.cwd or self._last_cwd
         self._bash = self._spawn()
+        run.cwd = self._last_cwd  # the new bash's: where the next command starts (the old one's went with it)
 
     def _result(self, run: _Running, start: float) -> ShellResult:
         if run.cwd is not None:
