@@ -20,6 +20,7 @@ from helpers import ROOT, RedisServer, free_port, server_binaries, wait_for
 from producer import Client, ClientSettings, ConfigError, InvalidRequestError, NoWorkerError, ResultTimeoutError
 from worker import protocol
 from worker.loop import Worker
+from worker.settings import WorkerSettings
 
 StartWorker = Callable[..., Worker]
 
@@ -413,3 +414,22 @@ def test_a_client_nobody_closed_leaves_no_socket_to_the_garbage_collector(
         del client
     gc.collect()
     assert unraisable == []
+
+
+def test_a_marker_naming_another_session_is_not_this_sessions_history(
+    redis_server: RedisServer, start_worker: Callable[..., Worker], session_id: str, tmp_path: Path
+) -> None:
+    """A session directory copied from another session (a fork's image holds its source's) starts a new session;
+    the session's own marker with nothing in Redis is what means its state was lost."""
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / ".shellq-session").write_text("some-other-session")
+    start_worker(session_id, work_dir=copied)
+    with client_for(redis_server) as client:
+        assert client.session(session_id).run("echo served", timeout=30).stdout == "served\n"
+    assert (copied / ".shellq-session").read_text() == session_id
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / ".shellq-session").write_text(f"{session_id}-b")
+    worker = Worker(WorkerSettings(redis_url=redis_server.url, session=f"{session_id}-b", work_dir=own))
+    assert worker.serve() == 3  # session state lost: the group is never re-created

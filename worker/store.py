@@ -133,9 +133,11 @@ class SessionStore:
 
     def open_session(self, marker: Path) -> None:
         """Create the consumer group at 0 the first time (noting it in meta and in `marker`, a file in the session
-        directory); afterwards a missing group or meta means Redis lost the session's state: never re-create it."""
+        directory that names the session); afterwards a missing group or meta means Redis lost the session's state:
+        never re-create it. A marker naming another session (a directory copied from it: a fork's image) is no
+        evidence about this one."""
         created = self.redis.call("HGET", self.keys.meta, "group_created_ms")
-        if created is None and not marker.exists():
+        if created is None and not self._marked(marker):
             self.redis.call("HSET", self.keys.meta, "group_created_ms", int(time.time() * 1000))
             try:
                 self.redis.call("XGROUP", "CREATE", self.keys.cmd, protocol.GROUP, "0", "MKSTREAM")
@@ -146,6 +148,19 @@ class SessionStore:
             marker.write_text(self.settings.session)
             return
         self.check_session()
+
+    def _marked(self, marker: Path) -> bool:
+        """Does `marker` say this session was served from here before? (Unreadable: assume it does.)"""
+        try:
+            named = marker.read_text().strip()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        if named != self.settings.session:
+            log.warning("%s names session %r, not %s: ignored", marker, named, self.settings.session)
+            return False
+        return True
 
     def check_session(self) -> None:
         """Raise SessionStateLostError unless the session's meta and consumer group exist (XINFO GROUPS)."""
