@@ -80,7 +80,7 @@ def request(op: protocol.Op, path: str | os.PathLike[str] | None = None, **field
         raise ConfigError(str(e)) from None
 
 
-def with_input(req: CommandRequest, data: bytes | None, size: int | None = None) -> CommandRequest:
+def with_input(req: CommandRequest, data: bytes | None) -> CommandRequest:
     """`req` with its input inline when `data` is small, else announced by size (`input_size`: sent after the
     entry by `call`); a command text over the entry cap moves to the input stream too (`cmd_size`)."""
     updates: dict[str, Any] = {}
@@ -88,8 +88,8 @@ def with_input(req: CommandRequest, data: bytes | None, size: int | None = None)
         updates.update(cmd=b"", cmd_size=len(req.cmd))
     if data is not None and len(data) <= INLINE:
         updates["stdin"] = data
-    elif data is not None or size is not None:
-        updates["input_size"] = len(data) if data is not None else size
+    elif data is not None:
+        updates["input_size"] = len(data)
     return req.model_copy(update=updates) if updates else req
 
 

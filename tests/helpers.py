@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +107,36 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+SHELLQ_SCRIPT = Path(sys.executable).parent / "shellq"
+"""The installed console script."""
+
+
+class Cli:
+    """Runs the installed `shellq` script with a private SHELLQ_HOME and no SHELLQ_REDIS_URL."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHELLQ_")}
+        self.env.update(SHELLQ_HOME=str(home), SHELLQ_NO_WORKER_AFTER="2")
+
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(SHELLQ_SCRIPT), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            input=stdin,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(SHELLQ_SCRIPT), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def url(self) -> str:
+        return str(json.loads((Path(self.env["SHELLQ_HOME"]) / "server.json").read_text())["url"])

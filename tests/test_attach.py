@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,27 +10,13 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import ROOT, free_port
+from helpers import ROOT, Cli, free_port
 
 SHELLQ = Path(sys.executable).parent / "shellq"
 ATTACH = [str(Path(sys.executable).parent / "shellq"), "attach"]
 """`shellq attach`, run as the module until the verb is wired into producer/cli.py."""
 
 Spawn = Callable[..., pexpect.spawn]
-
-
-class Cli:
-    """Runs the installed `shellq` script with a private SHELLQ_HOME and no SHELLQ_REDIS_URL."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHELLQ_")}
-        self.env.update(SHELLQ_HOME=str(home), SHELLQ_NO_WORKER_AFTER="2")
-
-    def __call__(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [str(SHELLQ), *args], env={**self.env, **(env or {})}, capture_output=True, timeout=60, check=False
-        )
 
 
 @pytest.fixture(scope="module")

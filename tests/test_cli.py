@@ -16,37 +16,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import free_port, wait_for
+from helpers import Cli, free_port, wait_for
 
 from worker import protocol
 
 SHELLQ = Path(sys.executable).parent / "shellq"
-
-
-class Cli:
-    """Runs the installed `shellq` script with a private SHELLQ_HOME and no SHELLQ_REDIS_URL."""
-
-    def __init__(self, home: Path) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHELLQ_")}
-        self.env.update(SHELLQ_HOME=str(home), SHELLQ_NO_WORKER_AFTER="2")
-
-    def __call__(
-        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [str(SHELLQ), *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-            input=stdin,
-        )
-
-    def popen(self, *args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([str(SHELLQ), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def url(self) -> str:
-        return str(json.loads((Path(self.env["SHELLQ_HOME"]) / "server.json").read_text())["url"])
 
 
 @pytest.fixture(scope="module")
