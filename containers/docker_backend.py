@@ -34,7 +34,7 @@ import redis
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount
 
-from containers import access
+from containers import access, images
 from containers.local import SessionStartError
 from worker import protocol
 from worker.errors import ConfigError
@@ -316,6 +316,18 @@ class DockerBackend:
         for session in list(self._started):
             with contextlib.suppress(DockerException, redis.RedisError):
                 self.stop(session, timeout=2)
+
+    def image_config(self, image: str) -> dict[str, Any] | None:
+        """The image's configuration (Docker's `Config`: WorkingDir, User, Env, Labels...); None when this host has
+        no such image."""
+        return images.image_config(self.docker, image)
+
+    def build_image(
+        self, context: Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None
+    ) -> str:
+        """Build `context`'s Dockerfile as `tag` on this engine (an image for sessions: FROM the worker image, say),
+        without refreshing its base from a registry. Returns the image id; ImageBuildError when the build fails."""
+        return images.docker_build(self.docker, context, tag, buildargs, labels)
 
     # -- internals ------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound
@@ -179,23 +180,53 @@ def build(
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)
         say(f"docker build -t {tag} (FROM {base}) ...")
-        image_id = ""
-        args = {"BASE_IMAGE": base}
-        output: list[str] = []
-        for chunk in client.api.build(path=str(context), tag=tag, buildargs=args, forcerm=True, decode=True):
-            if "error" in chunk:
-                tail = "\n".join(output[-15:])
-                raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}\n{tail}")
-            for line in str(chunk.get("stream", "")).splitlines():
-                output.append(line)
-                if line.startswith(("Step ", "unpacked")):
-                    say("  " + line.strip())
-            if "aux" in chunk and "ID" in chunk["aux"]:
-                image_id = chunk["aux"]["ID"]
+        image_id = docker_build(client, context, tag, {"BASE_IMAGE": base}, say=say)
         say(f"built {tag} ({image_id[:19]})")
         return image_id
     finally:
         shutil.rmtree(context, ignore_errors=True)
+
+
+def docker_build(
+    client: docker.DockerClient,
+    context: Path,
+    tag: str,
+    buildargs: dict[str, str],
+    labels: dict[str, str] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> str:
+    """`docker build` of the Dockerfile in `context` as `tag`, with `pull=False`: a FROM image this host has is used
+    as it is, never refreshed from a registry; `say` gets its steps. Returns the image id; ImageBuildError with the
+    end of the output when it fails."""
+    image_id = ""
+    output: list[str] = []
+    try:
+        chunks = client.api.build(
+            path=str(context), tag=tag, buildargs=buildargs, labels=labels, pull=False, forcerm=True, decode=True
+        )
+        for chunk in chunks:
+            if "error" in chunk:
+                tail = "\n".join(output[-15:])
+                raise ImageBuildError(f"docker build of {context} failed: {chunk['error'].strip()}\n{tail}")
+            for line in str(chunk.get("stream", "")).splitlines():
+                output.append(line)
+                if say and line.startswith(("Step ", "unpacked")):
+                    say("  " + line.strip())
+            if "aux" in chunk and "ID" in chunk["aux"]:
+                image_id = chunk["aux"]["ID"]
+    except DockerException as e:
+        raise ImageBuildError(f"docker build of {context} failed: {e}") from None
+    return image_id
+
+
+def image_config(client: docker.DockerClient, image: str) -> dict[str, Any] | None:
+    """The image's configuration as Docker keeps it (`Config`: WorkingDir, User, Env, Labels, Cmd...), None when
+    this host has no such image."""
+    try:
+        config = client.images.get(image).attrs.get("Config")
+    except ImageNotFound:
+        return None
+    return dict(config or {})
 
 
 def _run(cmd: list[str], what: str) -> None:

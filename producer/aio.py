@@ -169,9 +169,10 @@ class AsyncSession:
         cwd: str | None = None,
         stdin: bytes | None = None,
         user: str | None = None,
+        merge_stderr: bool = False,
     ) -> str:
         """Queue a command and return its id (Session.submit)."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
             return await self._drive(files.submit_with_input(self, req, stdin, timeout))
         return (await self._submit(req, read_from=None))[0]
@@ -187,10 +188,11 @@ class AsyncSession:
         cwd: str | None = None,
         stdin: bytes | None = None,
         user: str | None = None,
+        merge_stderr: bool = False,
     ) -> Result:
         """Submit a command and wait for its result (Session.run: the same timeouts, errors and cancellation, the
-        same `stdin` and `user`)."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        same `stdin`, `user` and `merge_stderr`)."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
             return Result.from_wire(await self._drive(files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
@@ -276,6 +278,10 @@ class AsyncSession:
     ) -> list[FileInfo]:
         """`Session.list_dir`."""
         return await self._drive(files.list_dir(self, path, recursive, max_entries, user, timeout))
+
+    async def stat(self, path: str, *, user: str | None = None, timeout: float | None = None) -> FileInfo:
+        """`Session.stat`."""
+        return await self._drive(files.stat(self, path, user, timeout))
 
     async def archive(
         self, path: str, max_bytes: int = files.ARCHIVE_CAP, *, user: str | None = None, timeout: float | None = None

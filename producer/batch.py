@@ -25,7 +25,7 @@ from worker.protocol import CommandRequest
 if TYPE_CHECKING:
     from producer.client import Client, Session
 
-OPTIONS = frozenset({"timeout", "id", "idempotent", "env", "cwd"})
+OPTIONS = frozenset({"timeout", "id", "idempotent", "env", "cwd", "user", "merge_stderr"})
 """What an item's options may hold: the keyword arguments of `Session.run`."""
 
 
@@ -92,6 +92,8 @@ def plan(item: tuple[Any, ...], timeout: float | None) -> tuple[str, CommandRequ
         bool(options.get("idempotent", False)),
         options.get("env"),
         options.get("cwd"),
+        options.get("user"),
+        bool(options.get("merge_stderr", False)),
     )
     return sid, request
 

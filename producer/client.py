@@ -96,15 +96,15 @@ class Client:
         blocking read at a time waits on every result stream that still owes a result (re-armed as results come).
 
         items: `(session, command)` or `(session, command, options)`, options being `run`'s keyword arguments
-        (`timeout`, `id`, `idempotent`, `env`, `cwd`); commands for one session run in the order given. timeout:
-        the execution limit of the items that give none (seconds; None: the worker's). Returns one entry per item,
-        in input order: its Result, or the ShellqError that item met in its place (NoWorkerError for a session no
-        worker serves, QueueFullError, ResultTimeoutError, InvalidRequestError for a malformed item...): each item
-        stands alone, and one session's trouble costs the others nothing. Errors are returned rather than given a
-        Result of their own, since a Result says what happened to a command in its shell, and these commands never
-        got there (or their outcome is unknown): `isinstance(r, Result)` tells them apart, and the error keeps its
-        type and its `cancelled`. A wait that gives up cancels that command as `run` does. Raises only for what
-        stops every item: RedisUnavailableError, AccessDeniedError."""
+        (`timeout`, `id`, `idempotent`, `env`, `cwd`, `user`, `merge_stderr`; not `stdin`); commands for one session run
+        in the order given. timeout: the execution limit of the items that give none (seconds; None: the worker's).
+        Returns one entry per item, in input order: its Result, or the ShellqError that item met in its place
+        (NoWorkerError for a session no worker serves, QueueFullError, ResultTimeoutError, InvalidRequestError for a
+        malformed item...): each item stands alone, and one session's trouble costs the others nothing. Errors are
+        returned rather than given a Result of their own, since a Result says what happened to a command in its shell,
+        and these commands never got there (or their outcome is unknown): `isinstance(r, Result)` tells them apart, and
+        the error keeps its type and its `cancelled`. A wait that gives up cancels that command as `run` does. Raises
+        only for what stops every item: RedisUnavailableError, AccessDeniedError."""
         from producer.batch import run_many
 
         return run_many(self, items, timeout)
@@ -211,11 +211,12 @@ class Session:
         cwd: str | None = None,
         stdin: bytes | None = None,
         user: str | None = None,
+        merge_stderr: bool = False,
     ) -> str:
         """Queue a command and return its id at once (with a large `stdin`, once the worker has taken all but the
         last few MiB of it). Submitting an id that was accepted before returns that id again without queueing
-        anything (retries are safe). `stdin` and `user` as in `run`."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        anything (retries are safe). `stdin`, `user` and `merge_stderr` as in `run`."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is None and len(req.cmd) <= files.INLINE:
             return self._submit(req, read_from=None)[0]
         return files.drive(self, files.submit_with_input(self, req, stdin, timeout))
@@ -231,6 +232,7 @@ class Session:
         cwd: str | None = None,
         stdin: bytes | None = None,
         user: str | None = None,
+        merge_stderr: bool = False,
     ) -> Result:
         """Submit a command and wait for its result. `timeout` is the execution limit in seconds: an overrun returns
         a result with status `timeout`; the wait itself lasts up to the timeout plus RUN_MARGIN (30 s). A wait that
@@ -245,8 +247,9 @@ class Session:
         a child of the session's shell with its exported variables and current directory, changing none of the
         shell's state (`env` and `cwd` then apply to that command only); the worker must be able to switch users
         (in a container, or a worker running as root), and an unknown user is a `rejected` result naming it. A
-        command over the 1 MiB entry cap goes in chunks too."""
-        req = core.request(cmd, id, timeout, idempotent, env, cwd, user)
+        command over the 1 MiB entry cap goes in chunks too. `merge_stderr`: the command's stderr goes to its
+        stdout (`2>&1`), interleaved in the order written; the result's stderr is then empty."""
+        req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
             return Result.from_wire(files.drive(self, files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
@@ -368,6 +371,11 @@ class Session:
         """The entries of directory `path` sorted by name (with `recursive`, the whole tree below it, depth first;
         symlinks are listed, not followed), at most `max_entries`. SessionNotADirectoryError for a file."""
         return files.drive(self, files.list_dir(self, path, recursive, max_entries, user, timeout))
+
+    def stat(self, path: str, *, user: str | None = None, timeout: float | None = None) -> FileInfo:
+        """`path`'s size (bytes), mode, mtime (seconds since the epoch) and kind, a symlink followed (what
+        `read_file` would open). SessionFileNotFoundError, SessionPermissionError..."""
+        return files.drive(self, files.stat(self, path, user, timeout))
 
     def archive(
         self, path: str, max_bytes: int = files.ARCHIVE_CAP, *, user: str | None = None, timeout: float | None = None

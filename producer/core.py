@@ -72,6 +72,7 @@ def request(
     env: dict[str, str] | None,
     cwd: str | None,
     user: str | None = None,
+    merge_stderr: bool = False,
 ) -> CommandRequest:
     """A command request; ConfigError for a bad id or option."""
     body = cmd.encode() if isinstance(cmd, str) else cmd
@@ -81,7 +82,14 @@ def request(
             raise ConfigError(f"command id {cid!r} looks like a stream entry id; pick another")
     try:
         return CommandRequest(
-            id=cid or new_id(), cmd=body, timeout=timeout, env=env, cwd=cwd, idempotent=idempotent, user=user
+            id=cid or new_id(),
+            cmd=body,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            idempotent=idempotent,
+            user=user,
+            merge_stderr=merge_stderr,
         )
     except ValidationError as e:
         raise ConfigError(str(e)) from None

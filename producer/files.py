@@ -365,6 +365,13 @@ def list_dir(
     return [FileInfo(p, size, mode, mtime, is_dir) for p, size, mode, mtime, is_dir in listing["entries"]]
 
 
+def stat(session: SessionLike, path: str, user: str | None, timeout: float | None) -> Steps[FileInfo]:
+    parts: list[bytes] = []
+    yield from read_to(session, "stat", path, parts.append, user, timeout)
+    p, size, mode, mtime, is_dir = json.loads(b"".join(parts))
+    return FileInfo(p, size, mode, mtime, is_dir)
+
+
 def archive(session: SessionLike, path: str, max_bytes: int, user: str | None, timeout: float | None) -> Steps[bytes]:
     parts: list[bytes] = []
     yield from read_to(session, "archive", path, parts.append, user, timeout, max_bytes=max_bytes)

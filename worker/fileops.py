@@ -14,6 +14,8 @@ Data flows through stdin and stdout as raw bytes, 64 KiB at a time.
 - `list` {"path", "recursive": bool, "max_entries": int|null}: stdout gets JSON
   {"entries": [[path, size, st_mode, mtime, is_dir], ...], "truncated": bool}, sorted by name, depth first,
   symlinks not followed; a subdirectory that cannot be read is listed but not entered.
+- `stat` {"path"}: stdout gets JSON [path, size, st_mode, mtime, is_dir] of the file or directory, symlinks
+  followed (what a `read` of it would open).
 - `archive` {"path"}: a tar.gz stream of the file or tree to stdout, members named from its basename.
 - `extract` {"path"}: a tar stream (any compression) from stdin unpacked into directory `path`, made if missing.
   Absolute names, members or links leading outside, and device files are refused; setuid/setgid bits and
@@ -127,6 +129,14 @@ def op_list(args: dict[str, Any]) -> None:
     sys.stdout.buffer.write(json.dumps({"entries": entries, "truncated": truncated}).encode())
 
 
+def op_stat(args: dict[str, Any]) -> None:
+    """Write the file's size, mode, mtime and kind as JSON to stdout; a symlink is followed."""
+    path = os.fsencode(args["path"])
+    s = os.stat(path)
+    entry = [os.fsdecode(path), s.st_size, s.st_mode, s.st_mtime, stat.S_ISDIR(s.st_mode)]
+    sys.stdout.buffer.write(json.dumps(entry).encode())
+
+
 def _walk(path: bytes, recursive: bool) -> Iterator[tuple[bytes, os.stat_result]]:
     """(path joined with the entry's name, lstat) for each entry, sorted by name, subdirectories right after their
     own entry. Only `path` itself failing to open is an error; a subdirectory that cannot be read is left out."""
@@ -198,6 +208,7 @@ OPS: dict[str, Callable[[dict[str, Any]], None]] = {
     "write": op_write,
     "read": op_read,
     "list": op_list,
+    "stat": op_stat,
     "archive": op_archive,
     "extract": op_extract,
 }

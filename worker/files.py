@@ -10,7 +10,9 @@ output read as it comes:
 * a command as another user is `bash -c` with the shell's exported variables (read from the shell just before) and
   its current directory: a child of the session's state, which it cannot change.
 
-A timeout or an interrupt stops the child's process group: SIGTERM, then SIGKILL after `kill_grace` seconds.
+A timeout or an interrupt stops the child's process group: SIGTERM, then SIGKILL after `kill_grace` seconds. When
+the child ends by itself, what a command left running keeps running (as a shell's background job would), while
+anything a file operation left is killed. A command's output past the cap is spooled as the shell's is.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from worker.errors import ConfigError
-from worker.output import OutputCapture
+from worker.output import Captures
 from worker.protocol import CommandRequest, CommandResult, Status
 from worker.shell import Shell
 from worker.shell_process import ShellUser, _popen
@@ -65,15 +67,22 @@ def run_child(
     cancelled: Callable[[], bool],
     kill_grace: float,
     pass_fds: tuple[int, ...] = (),
+    merge_stderr: bool = False,
+    keep_leftovers: bool = False,
 ) -> ChildOutcome:
     """Run `args` to its end, its deadline (time.monotonic()) or until `cancelled()`, handing its output to the
-    callbacks as it comes. OSError when it cannot be started (a `cwd` that is gone, say)."""
+    callbacks as it comes (stderr to `on_stdout` too with `merge_stderr`). OSError when it cannot be started (a
+    `cwd` that is gone, say).
+
+    A timeout or a cancel stops the child's process group. When the child ends by itself, what it left running in
+    its group is killed too, unless `keep_leftovers` (a command's `nohup server &`): then the pipes such a process
+    still holds are drained by a thread, so it never blocks on them and the child's result does not wait for it."""
     proc = _popen(
         args,
         user,
         stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         cwd=cwd,
         env=env,
         start_new_session=True,
@@ -82,16 +91,55 @@ def run_child(
         group=None if user is None else user.gid,
         extra_groups=None if user is None else user.groups,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    sinks = {proc.stdout.fileno(): on_stdout, proc.stderr.fileno(): on_stderr}
+    assert proc.stdout is not None
+    sinks = {proc.stdout.fileno(): on_stdout}
+    if proc.stderr is not None:
+        sinks[proc.stderr.fileno()] = on_stderr
+    try:
+        status = _follow(proc, sinks, deadline, cancelled, kill_grace)
+        exit_code = proc.wait()
+        for fd, sink in sinks.items():  # what the child wrote before it ended is in the pipe by now
+            while data := _read(fd):
+                sink(data)
+            if data is None:  # a process it left behind holds the pipe
+                _drain_in_thread(os.dup(fd))
+    finally:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    if status != "completed" or not keep_leftovers:
+        _signal_group(proc.pid, signal.SIGKILL)  # what it left running in its group
+    code = exit_code if exit_code >= 0 else 128 - exit_code
+    return ChildOutcome(status, code if status == "completed" else None)
+
+
+def _follow(
+    proc: subprocess.Popen[bytes],
+    sinks: dict[int, Callable[[bytes], None]],
+    deadline: float,
+    cancelled: Callable[[], bool],
+    kill_grace: float,
+) -> ChildStatus:
+    """Hand the child's output to `sinks` until it exits (a pidfd says when), stopping its group at the deadline or
+    a cancel: SIGTERM, then SIGKILL `kill_grace` seconds later. -> how it ended."""
     poller = select.poll()
     for fd in sinks:
         os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
+    open_fds = set(sinks)
+    exited: int | None
+    try:
+        exited = os.pidfd_open(proc.pid)
+        poller.register(exited, select.POLLIN)
+    except OSError:  # a kernel without pidfds (before 5.3): look every 10 ms
+        exited = None
     status: ChildStatus = "completed"
     stop_at = math.inf
     try:
-        while sinks or proc.poll() is None:
+        while proc.poll() is None:
             now = time.monotonic()
             if status == "completed" and (now >= deadline or cancelled()):
                 status = "timeout" if now >= deadline else "cancelled"
@@ -100,26 +148,42 @@ def run_child(
             elif now >= stop_at:
                 _signal_group(proc.pid, signal.SIGKILL)
                 stop_at = math.inf
-            if not sinks:
-                time.sleep(0.01)
-                continue
-            for fd, _ in poller.poll(100):
-                data = _read(fd)
-                if data:
-                    sinks[fd](data)
-                elif data == b"":
+            ready = [fd for fd, _ in poller.poll(100 if exited is not None else 10) if fd in open_fds]
+            for fd in ready:
+                if not _pass_on(fd, sinks[fd]):
                     poller.unregister(fd)
-                    del sinks[fd]
-        exit_code = proc.wait()
+                    open_fds.discard(fd)
     finally:
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    _signal_group(proc.pid, signal.SIGKILL)  # what it left running in its group
-    code = exit_code if exit_code >= 0 else 128 - exit_code
-    return ChildOutcome(status, code if status == "completed" else None)
+        if exited is not None:
+            os.close(exited)
+    return status
+
+
+def _pass_on(fd: int, sink: Callable[[bytes], None]) -> bool:
+    """Hand what `fd` has to `sink`; False at its end."""
+    data = _read(fd)
+    if data:
+        sink(data)
+    return data != b""
+
+
+def _drain_in_thread(fd: int) -> None:
+    """Read `fd` to its end and close it, from a thread: the output of a process a command left running."""
+
+    def drain() -> None:
+        try:
+            while os.read(fd, 1 << 16):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    os.set_blocking(fd, True)
+    try:
+        threading.Thread(target=drain, daemon=True, name="shellq-drain").start()
+    except RuntimeError:  # no thread to be had (the pids limit): its writer gets EPIPE instead
+        os.close(fd)
 
 
 def _read(fd: int) -> bytes | None:
@@ -264,7 +328,6 @@ def beside(
     open_sender: Callable[[], Sender],
     cancel: threading.Event,
     timeout: float,
-    output_cap: int,
     kill_grace: float,
     root_commands: bool,
 ) -> CommandResult:
@@ -289,7 +352,8 @@ def beside(
         source = stack.enter_context(open(stdin, "rb")) if stdin is not None else None
         try:
             if req.op == "exec":
-                run = _exec_as(req, cmd, source, user, shell.exported(), cwd, deadline, cancel, output_cap, kill_grace)
+                captures = shell.captures(cid, req.merge_stderr)
+                run = _exec_as(req, cmd, source, user, shell.exported(), cwd, deadline, cancel, captures, kill_grace)
                 return result(**run)
             if cwd != shell.cwd and not os.path.isabs(req.path or ""):
                 gone = f"the shell's current directory is gone ({shell.cwd})"
@@ -372,14 +436,15 @@ def _exec_as(
     cwd: str,
     deadline: float,
     cancel: threading.Event,
-    output_cap: int,
+    captures: Captures,
     kill_grace: float,
 ) -> dict[str, Any]:
     """`bash` running `cmd` as `user` with the shell's exported variables (and `req.env`) in its current directory
-    (or `req.cwd` from there): a child of the session's state that changes none of it. -> the result's fields."""
+    (or `req.cwd` from there): a child of the session's state that changes none of it. What it leaves running when
+    it ends by itself keeps running, as a background job of the shell's would. -> the result's fields."""
     env = {**exported, **(req.env or {}), **(user.env() if user else {})}
     cwd = os.path.join(cwd, req.cwd) if req.cwd else cwd
-    out, err = OutputCapture(output_cap), OutputCapture(output_cap)
+    out, err = captures.out, captures.err
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         fds: tuple[int, ...] = ()
@@ -391,7 +456,7 @@ def _exec_as(
             os.write(text, cmd)
             args, fds = ["bash", "--norc", "--noprofile", f"/dev/fd/{text}"], (text,)
         if not os.path.isdir(cwd):
-            err.feed(f"bash: cd: {req.cwd}: No such file or directory\n".encode())
+            (out if req.merge_stderr else err).feed(f"bash: cd: {req.cwd}: No such file or directory\n".encode())
             done = ChildOutcome("completed", 1)
         else:
             done = run_child(
@@ -406,7 +471,10 @@ def _exec_as(
                 cancelled=cancel.is_set,
                 kill_grace=kill_grace,
                 pass_fds=fds,
+                merge_stderr=req.merge_stderr,
+                keep_leftovers=True,
             )
+    captures.finish()
     return {
         "status": done.status,
         "exit_code": done.exit_code,
@@ -414,6 +482,8 @@ def _exec_as(
         "stderr": err.kept(),
         "stdout_size": out.size,
         "stderr_size": err.size,
-        "truncated": out.truncated or err.truncated,
+        "truncated": captures.truncated,
+        "spool_path": captures.spool_path,
+        "error": captures.problem(),
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
     }

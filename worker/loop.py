@@ -329,6 +329,7 @@ class Worker:
                     cancel=cancel,
                     live=live,
                     stdin=stdin,
+                    merge_stderr=req.merge_stderr,
                 )
         except TransferError as e:
             return _result(cid, entry_id, "rejected", f"its input did not come whole: {e}", self.shell.epoch)
@@ -397,7 +398,6 @@ class Worker:
             open_sender=lambda: transfer.Sender(self.store.redis, self.store.keys.output(cid)),
             cancel=cancel,
             timeout=timeout,
-            output_cap=s.output_cap,
             kill_grace=s.kill_grace,
             root_commands=s.root_commands,
         )

@@ -186,6 +186,47 @@ class OutputCapture:
         return data
 
 
+class Captures:
+    """A command's stdout and stderr: both spooled to one directory of `spool`, named `name`, as soon as either passes
+    the cap (the other's kept bytes are saved beside it at the end). With `merge`, stderr is written into stdout by
+    the command itself and `rewrite` applies to stdout."""
+
+    def __init__(
+        self, cap: int, spool: Spool, name: str, rewrite: tuple[bytes, bytes] | None = None, merge: bool = False
+    ) -> None:
+        self._spool = spool
+        self._name = name
+        self.dir: Path | None = None
+        self.out = OutputCapture(cap, lambda: self._open("stdout"), rewrite if merge else None)
+        self.err = OutputCapture(cap, lambda: self._open("stderr"), None if merge else rewrite)
+
+    def _open(self, stream: str) -> tuple[Path, int] | None:
+        if self.dir is None:
+            self.dir = self._spool.open(self._name)
+        room = self._spool.room()
+        return (self.dir / stream, room) if room > 0 else None
+
+    @property
+    def truncated(self) -> bool:
+        return self.out.truncated or self.err.truncated
+
+    @property
+    def spool_path(self) -> str | None:
+        """The spool directory when some output is not in the result."""
+        return str(self.dir) if self.truncated and self.dir else None
+
+    def finish(self) -> None:
+        for capture, stream in ((self.out, "stdout"), (self.err, "stderr")):
+            capture.finish()
+            if self.dir and capture.spooled is None:  # the other stream overflowed: keep this one beside it
+                capture.save_kept(self.dir / stream)
+
+    def problem(self) -> str | None:
+        """Why output past the cap could not be spooled (a full disk), if it could not."""
+        failed = [f"{n}: {c.spool_error}" for n, c in (("stdout", self.out), ("stderr", self.err)) if c.spool_error]
+        return f"output past the cap could not be spooled ({'; '.join(failed)})" if failed else None
+
+
 def read_available(fd: int, limit: int = 1 << 16) -> bytes | None:
     """One non-blocking read: bytes, b"" at EOF, or None when nothing is there yet."""
     try:

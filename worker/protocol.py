@@ -121,7 +121,7 @@ class WireModel(BaseModel):
         return value
 
 
-Op = Literal["exec", "write", "read", "list", "archive", "extract"]
+Op = Literal["exec", "write", "read", "list", "stat", "archive", "extract"]
 
 
 class CommandRequest(WireModel):
@@ -133,7 +133,8 @@ class CommandRequest(WireModel):
     wire_packed = frozenset({"env"})
 
     op: Op = "exec"
-    """What to do: `exec` runs `cmd` in the shell; `write`, `read`, `list`, `archive` and `extract` act on `path`."""
+    """What to do: `exec` runs `cmd` in the shell; `write`, `read`, `list`, `stat`, `archive` and `extract` act on
+    `path`."""
     id: str | None = None
     """Client command id, the idempotency key; absent in hand-written entries (the entry id is used)."""
     cmd: bytes = b""
@@ -155,6 +156,9 @@ class CommandRequest(WireModel):
     """Bytes of stdin (or of the file) that come in chunks after the command text."""
     user: str | None = None
     """Run this one command or file operation as this user (a name or uid), in a child of the shell."""
+    merge_stderr: bool = False
+    """`exec`: the command's stderr goes to its stdout (`2>&1`), interleaved as written; the result's stderr is
+    empty."""
     path: str | None = None
     """The file operation's path; a relative one resolves against the shell's current directory."""
     mode: int | None = Field(default=None, ge=0, le=0o7777)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from worker import output, procs, shell_driver
-from worker.output import OutputCapture, Spool, read_available
+from worker.output import Captures, OutputCapture, Spool, read_available
 from worker.shell_driver import ReportReader
 from worker.shell_process import ShellProcess, ShellUser
 
@@ -84,8 +84,7 @@ class _Running:
     """The state of the command being run."""
 
     nonce: bytes
-    out: OutputCapture
-    err: OutputCapture
+    captures: Captures
     streams: dict[int, OutputCapture]
     since: int | None
     deadline: float
@@ -102,8 +101,15 @@ class _Running:
     error: str | None = None
     step: int = 0
     step_deadline: float = math.inf
-    spool_dir: Path | None = None
     live: LiveSink | None = None
+
+    @property
+    def out(self) -> OutputCapture:
+        return self.captures.out
+
+    @property
+    def err(self) -> OutputCapture:
+        return self.captures.err
 
 
 class Shell:
@@ -145,6 +151,7 @@ class Shell:
         self._cancel: threading.Event | None = None
         self._live: LiveSink | None = None
         self._stdin: Path | None = None
+        self._merge = False
         self._last_reap = 0.0
         self._seq = 0
         self._closed = False
@@ -187,12 +194,14 @@ class Shell:
         cancel: threading.Event | None = None,
         live: LiveSink | None = None,
         stdin: Path | None = None,
+        merge_stderr: bool = False,
     ) -> ShellResult:
         """Run one command to its end, its timeout or an interrupt. `env` is exported and `cwd` entered first (both
         persist, as if typed before the command). Setting `cancel` and then calling `interrupt()` stops this command
         even if the interrupt came before it started. `live` is given each piece of output read while the command
         runs, from `_QUIET` seconds on (the bytes read at its end only go into the result). `stdin` is a file the
-        shell's user may read, given as the command's stdin (default /dev/null)."""
+        shell's user may read, given as the command's stdin (default /dev/null). With `merge_stderr` the command's
+        stderr goes where its stdout goes (`2>&1`), interleaved as written."""
         body = command.encode() if isinstance(command, str) else command
         for name in env or {}:
             if not _ENV_NAME.match(name):
@@ -204,7 +213,7 @@ class Shell:
             while read_available(self._wake_r):
                 pass
             self._seq += 1
-            self._cancel, self._live, self._stdin = cancel, live, stdin
+            self._cancel, self._live, self._stdin, self._merge = cancel, live, stdin, merge_stderr
             start = time.monotonic()
             refusal = self._refusal(body, cwd)
             if refusal is not None:
@@ -242,7 +251,7 @@ class Shell:
         if not message:
             return None
         run = self._new_running(b"", math.inf, None)
-        run.err.feed(message)
+        (run.out if self._merge else run.err).feed(message)
         run.exit_code, run.cwd = code, self._last_cwd
         return run
 
@@ -266,16 +275,13 @@ class Shell:
         return b"".join(lines).replace(*self._bash.rewrite) + b"shellq: not run: a here-document is not terminated\n"
 
     def _new_running(self, nonce: bytes, deadline: float, spool_name: str | None) -> _Running:
-        def open_spool(stream: str) -> tuple[Path, int] | None:
-            if run.spool_dir is None:
-                run.spool_dir = self._spool.open(spool_name or f"{int(time.time())}-{self._seq}")
-            room = self._spool.room()
-            return (run.spool_dir / stream, room) if room > 0 else None
+        captures = self.captures(spool_name or f"{int(time.time())}-{self._seq}", self._merge)
+        return _Running(nonce, captures, {}, procs.last_pid(), deadline)
 
-        out = OutputCapture(self.output_cap, lambda: open_spool("stdout"))
-        err = OutputCapture(self.output_cap, lambda: open_spool("stderr"), rewrite=self._bash.rewrite)
-        run = _Running(nonce, out, err, {}, procs.last_pid(), deadline)  # what open_spool fills in
-        return run
+    def captures(self, spool_name: str, merge: bool = False) -> Captures:
+        """Output captures for one command, spooling past the cap to this shell's spool as `spool_name` (for the
+        shell's commands, and a command run beside it: worker/files.py)."""
+        return Captures(self.output_cap, self._spool, spool_name, self._bash.rewrite, merge)
 
     def _execute(
         self, body: bytes, timeout: float | None, env: dict[str, str], cwd: str | None, spool_name: str | None
@@ -301,12 +307,13 @@ class Shell:
         # The nonce tells this command's reports from any other; a command can read its own (it owns its shell).
         run = self._new_running(secrets.token_hex(8).encode(), deadline, spool_name)
         run.live = self._live
-        for path, capture in ((bash.out_path, run.out), (bash.err_path, run.err)):
-            run.streams[bash.open_fifo(path)] = capture
+        run.streams[bash.open_fifo(bash.out_path)] = run.out
+        if not self._merge:
+            run.streams[bash.open_fifo(bash.err_path)] = run.err
         bash.set_stdin(self._stdin)
         bash.write_command(body)
-        if env or cwd is not None:
-            line = shell_driver.begin_with(bash.rundir, run.nonce, bash.generation, env, cwd)
+        if env or cwd is not None or self._merge:
+            line = shell_driver.begin_with(bash.rundir, run.nonce, bash.generation, env, cwd, self._merge)
         else:
             line = shell_driver.begin(run.nonce, bash.generation)
         if not bash.send(line):
@@ -482,10 +489,7 @@ class Shell:
                 lingering.append(fd)
             else:
                 os.close(fd)
-        for capture, name in ((run.out, "stdout"), (run.err, "stderr")):
-            capture.finish()
-            if run.spool_dir and capture.spooled is None:  # the other stream overflowed: keep this one beside it
-                capture.save_kept(run.spool_dir / name)
+        run.captures.finish()
         if lingering:
             self._bash.replace_fifos()
             for fd in lingering:
@@ -527,7 +531,6 @@ class Shell:
     def _result(self, run: _Running, start: float) -> ShellResult:
         if run.cwd is not None:
             self._last_cwd = run.cwd
-        truncated = run.out.truncated or run.err.truncated
         epoch = self.epoch - 1 if run.bash_gone and not run.not_run else self.epoch
         return ShellResult(
             status=run.status,
@@ -536,18 +539,13 @@ class Shell:
             stderr=run.err.kept(),
             stdout_size=run.out.size,
             stderr_size=run.err.size,
-            truncated=truncated,
-            spool_path=str(run.spool_dir) if truncated and run.spool_dir else None,
+            truncated=run.captures.truncated,
+            spool_path=run.captures.spool_path,
             cwd=run.cwd or self._last_cwd,
             duration_ms=(time.monotonic() - start) * 1000,
             shell_epoch=epoch,
-            error="; ".join(e for e in (run.error, _spool_problem(run)) if e) or None,
+            error="; ".join(e for e in (run.error, run.captures.problem()) if e) or None,
         )
-
-
-def _spool_problem(run: _Running) -> str | None:
-    failed = [f"{name}: {c.spool_error}" for name, c in (("stdout", run.out), ("stderr", run.err)) if c.spool_error]
-    return f"output past the cap could not be spooled ({'; '.join(failed)})" if failed else None
 
 
 def _shell_env(extra: dict[str, str] | None, user: ShellUser | None) -> dict[str, str]:

@@ -163,16 +163,20 @@ def begin(nonce: bytes, generation: int) -> bytes:
     return b"\\__shellq_begin %s %d\n__shellq_run\n" % (nonce, generation)
 
 
-def begin_with(rundir: Path, nonce: bytes, generation: int, env: dict[str, str], cwd: str | None) -> bytes:
+def begin_with(
+    rundir: Path, nonce: bytes, generation: int, env: dict[str, str], cwd: str | None, merge_stderr: bool = False
+) -> bytes:
     """The long form, for a command with `env` to export and `cwd` to enter first (as if typed before it; a failure
-    there is the command's). The command's stderr reaches the command file through a descriptor bash picks."""
+    there is the command's), or whose stderr goes to its stdout (`merge_stderr`: the FIFO for stderr is not
+    opened). The command's stderr reaches the command file through a descriptor bash picks."""
     d, e = str(rundir), '2>&"$__shellq_e"'
     steps = "".join(f"\\builtin export {k}={shlex.quote(v)} {e} && " for k, v in env.items())
     if cwd is not None:
         steps += f"\\builtin cd -- {shlex.quote(cwd)} {e} && "
+    err = "{__shellq_e}>&1" if merge_stderr else f"{{__shellq_e}}>{d}/e{generation}"
     line = (
         f"{_TRAPS % {'d': d}}; {{ {steps}\\builtin source {d}/c {e} {{__shellq_e}}>&-; }} "
-        f"<{d}/i {{__shellq_e}}>{d}/e{generation} >{d}/o{generation}; "
+        f"<{d}/i >{d}/o{generation} {err}; "
         f'\\__shellq_report {nonce.decode()} "$?" {{__shellq_e}}>&-\n'
     )
     return b"\\__shellq_begin %s %d\n" % (nonce, generation) + line.encode(errors="surrogateescape")

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import posixpath
 import re
 import shlex
 import threading
@@ -50,7 +51,7 @@ from producer.aio import AsyncClient, AsyncSession
 from producer.client import Client
 from producer.result import Result
 from worker import protocol
-from worker.errors import ConfigError
+from worker.errors import ConfigError, SessionFileError
 
 if TYPE_CHECKING:
     from containers.docker_backend import DockerBackend
@@ -190,9 +191,6 @@ class ShellqEnvironment(BaseEnvironment):  # type: ignore[misc,unused-ignore]
         session = self._live()
         user = self._resolve_user(user)
         cid = f"hb-{uuid.uuid4().hex}"
-        # TODO(client): what a `user=` command leaves running in its process group is killed when it ends (`nohup
-        # server &` does not outlive its exec, as it does under `docker exec`): it should be kept, as the shell keeps
-        # a command's background jobs, and killed on a timeout or interrupt only.
         run = session.run(
             command,
             min(timeout_sec or protocol.MAX_TIMEOUT, protocol.MAX_TIMEOUT),
@@ -203,10 +201,14 @@ class ShellqEnvironment(BaseEnvironment):  # type: ignore[misc,unused-ignore]
         )
         try:
             r = await run
+            result = _exec_result(r, timeout_sec, session.id)
+            if r.truncated and r.spool_path:  # past shellq's 1 MiB cap: the whole, as `docker exec` gives it
+                result.stdout = await _whole(session, r, "stdout") or None
+                result.stderr = await _whole(session, r, "stderr") or None
+            return result
         except asyncio.CancelledError:  # Harbor's own timeout: the command must not hold the session's queue
             await asyncio.shield(session.interrupt(cid))
             raise
-        return _exec_result(r, timeout_sec, session.id)
 
     async def upload_file(self, source_path: Path | str, target_path: str) -> None:
         await self._live().upload(source_path, target_path, user=FILE_USER)
@@ -254,9 +256,18 @@ def _exec_result(r: Result, timeout_sec: int | None, session: str) -> ExecResult
         return ExecResult(stdout=None, stderr=f"{r.error}\n", return_code=126)
     if r.status != "completed" or r.exit_code is None:
         raise RuntimeError(f"shellq session {session}: the command ended {r.status}: {r.error or ''}".rstrip(": "))
-    # TODO(client): a `user=` command's output past the 1 MiB cap keeps only its head and tail (no spool_path, unlike
-    # the shell's commands): `run(user=...)` should spool it, so that an adapter can return the whole.
     return ExecResult(stdout=r.stdout or None, stderr=r.stderr or None, return_code=r.exit_code)
+
+
+async def _whole(session: AsyncSession, r: Result, stream: str) -> str:
+    """A stream of a truncated result, whole from its spool (what the result kept when the spool is gone)."""
+    kept: str = getattr(r, stream)
+    assert r.spool_path is not None
+    try:
+        data = await session.read_file(posixpath.join(r.spool_path, stream), user=FILE_USER)
+    except SessionFileError:
+        return kept
+    return data.decode(errors="replace") if len(data) == getattr(r, f"{stream}_size") else kept
 
 
 def _redis_url(options: ShellqOptions) -> str:
@@ -287,32 +298,17 @@ def _docker_backend(url: str) -> DockerBackend:
 
 def _image_workdir(backend: DockerBackend, image: str) -> str:
     """The image's WORKDIR (APP_DIR when it has none)."""
-    # TODO(containers): DockerBackend.image_config(image) instead of reaching for its Docker client here.
-    config: dict[str, Any] = backend.docker.images.get(image).attrs.get("Config") or {}
+    config = backend.image_config(image) or {}
     return str(config.get("WorkingDir") or APP_DIR)
 
 
 def _build(backend: DockerBackend, context: Path, worker_image: str, tag: str, force: bool) -> None:
-    """Build a task's Dockerfile on the worker image as `tag` (kept: later trials reuse it); never pull."""
-    # TODO(containers): a `containers.images` function for this, the one place the Docker SDK builds images.
-    from docker.errors import ImageNotFound
-
-    try:
-        built = None if force else backend.docker.images.get(tag)
-    except ImageNotFound:
-        built = None
+    """Build a task's Dockerfile on the worker image as `tag` (kept: later trials reuse it); ImageBuildError."""
+    built = None if force else backend.image_config(tag)
     if built is None:
-        output: list[str] = []
-        args, labels = {WORKER_IMAGE_ARG: worker_image}, {BUILT_LABEL: worker_image}
-        for chunk in backend.docker.api.build(
-            path=str(context), tag=tag, buildargs=args, labels=labels, pull=False, forcerm=True, decode=True
-        ):
-            if "error" in chunk:
-                tail = "".join(output[-15:])
-                raise ConfigError(f"docker build of {context} failed: {chunk['error'].strip()}\n{tail}")
-            output.append(str(chunk.get("stream", "")))
-        built = backend.docker.images.get(tag)
-    if (built.labels or {}).get("shellq.image") != "worker":
+        backend.build_image(context, tag, {WORKER_IMAGE_ARG: worker_image}, {BUILT_LABEL: worker_image})
+        built = backend.image_config(tag) or {}
+    if (built.get("Labels") or {}).get("shellq.image") != "worker":
         raise ConfigError(
             f"{context}/Dockerfile makes an image without shellq's worker: start it with `ARG {WORKER_IMAGE_ARG}` "
             f"and `FROM ${{{WORKER_IMAGE_ARG}}}`, or build it, add the worker (`shellq image build --base IMAGE "

@@ -218,7 +218,7 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
         env = {**(env or {}), **self._tools_env(cmd, user)}
         if any("\0" in s for s in (*cmd, *env, *env.values(), cwd or "")):
             raise ValueError("embedded null byte")
-        text = _subshell(_detached(cmd) if user else cmd, self._path(cwd or "."), env)
+        text = _subshell(cmd, self._path(cwd or "."), env)
         stdin = input.encode() if isinstance(input, str) else input
         try:  # no timeout: the largest a worker accepts by default (a day)
             r = await self.session.run(text, timeout or protocol.MAX_TIMEOUT, stdin=stdin, user=user)
@@ -246,8 +246,10 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
 
     async def read_file(self, file: str, text: bool = True) -> str | bytes:
         limit = SandboxEnvironmentLimits.MAX_READ_FILE_SIZE
-        try:  # TODO(client): AsyncSession.stat(path) -> FileInfo, to refuse a large file before reading it
-            data = await self.session.read_file(self._path(file), max_bytes=limit + 1)
+        try:
+            if (await self.session.stat(self._path(file))).size > limit:
+                raise OutputLimitExceededError(SandboxEnvironmentLimits.MAX_READ_FILE_SIZE_STR, truncated_output=None)
+            data = await self.session.read_file(self._path(file), max_bytes=limit + 1)  # it may grow meanwhile
         except SessionFileError as e:
             raise _as_given(e, file) from e
         if len(data) > limit:
@@ -312,7 +314,7 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
                 whole = await self.session.read_file(posixpath.join(r.spool_path, stream), max_bytes=size)
                 if len(whole) == size:
                     return whole.decode(errors="replace")
-        # over Inspect's limit, or (`user=`, a spool evicted) no whole to read: the head, as Inspect's proxy keeps
+        # over Inspect's limit, or (a spool evicted) no whole to read: the head, as Inspect's proxy keeps
         limit_str = SandboxEnvironmentLimits.MAX_EXEC_OUTPUT_SIZE_STR if size > limit else f"{len(kept)} bytes"
         raise OutputLimitExceededError(limit_str, truncated_output=kept[: len(kept) // 2].decode(errors="replace"))
 
@@ -396,14 +398,6 @@ def _subshell(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
     steps = [f"export {' '.join(shlex.quote(f'{k}={v}') for k, v in env.items())}"] if env else []
     steps += [f"cd -- {shlex.quote(cwd)}", f"exec -- {shlex.join(cmd)}"]
     return f"( {' && '.join(steps)} )"
-
-
-def _detached(cmd: list[str]) -> list[str]:
-    """Inspect's tools CLI, run as another user, in a session of its own: the server it starts (and leaves
-    running) must outlive it, as it does in `docker exec` and among the shell's background jobs.
-    TODO(client): `run(user=...)` kills what a command leaves in its process group when it ends; it should keep
-    it, as the shell keeps a command's background jobs (and kill it on a timeout or interrupt only)."""
-    return ["/usr/bin/setsid", "--wait", *cmd] if cmd[0] == SANDBOX_CLI else cmd
 
 
 def _as_given(e: SessionFileError, file: str) -> SessionFileError:

@@ -153,7 +153,7 @@ class ShellqEnvironment:
         """Run the command (in `cwd`, else back where a command given one left from), setting up a new shell first."""
         if self._epoch is None and not (prepared := self._prepare()).ok:
             return prepared
-        result = self.session.run(_merged(command), limit, cwd=cwd or self._back)
+        result = self.session.run(command, limit, cwd=cwd or self._back, merge_stderr=True)
         if result.status == "shell_exited" or result.shell_epoch != self._epoch:
             self._epoch = None  # a new bash (after `exit`): set up again before the next command
         elif cwd:
@@ -180,15 +180,8 @@ class ShellqEnvironment:
             )
 
 
-def _merged(command: str) -> str:
-    """The command with its stderr into its stdout, in the order written, as LocalEnvironment reads them. On the
-    command's first line, so that bash's messages keep their line numbers; the shell's own stderr is back after it."""
-    # TODO(client): Session.run(..., merge_stderr=True) instead of rewriting the command's text
-    return "exec 2>&1; " + command
-
-
 def _text(result: Result) -> str:
-    return result.stdout + result.stderr  # stderr: bash's syntax errors (the `exec` did not run), shellq's refusals
+    return result.stdout + result.stderr  # stderr: merged into stdout; what is there is shellq's (a refusal)
 
 
 def _output(command: str, limit: int, result: Result) -> dict[str, Any]:
