@@ -150,6 +150,17 @@ def test_read_from_an_offset_and_at_most_max_bytes(tmp_path: Path) -> None:
 # -- errors -----------------------------------------------------------------------------------------------------------
 
 
+def test_stat_follows_a_symlink_and_a_missing_path_is_enoent(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    (tmp_path / "link").symlink_to("f")
+    path, size, mode, mtime, is_dir = json.loads(ok(fileops("stat", {"path": "link"}, tmp_path)))
+    assert (path, size, stat.S_ISREG(mode), is_dir) == ("link", 3, True, False)
+    assert mtime == (tmp_path / "f").stat().st_mtime
+    assert json.loads(ok(fileops("stat", {"path": "."}, tmp_path)))[4] is True
+    r = fileops("stat", {"path": "gone"}, tmp_path)
+    assert r.returncode == 1 and json.loads(r.stderr)["errno"] == errno.ENOENT
+
+
 def test_reading_a_directory_is_eisdir(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     error = failed(fileops("read", {"path": "d", "offset": 0, "max_bytes": None}, tmp_path))

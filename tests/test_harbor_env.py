@@ -82,6 +82,7 @@ def test_the_oracle_passes_a_task_built_from_its_dockerfile(trials: dict[str, di
     assert trial["verifier_result"]["rewards"] == {"reward": 1.0}  # tests/data/expected.txt was uploaded with /tests
     assert logged(trial, "agent/oracle.txt") == "solved as root in /app\n"  # the image's WORKDIR
     assert logged(trial, "verifier/report/who.txt") == "verified as root in /app\n"  # a directory downloaded
+    assert logged(trial, "verifier/report/server.txt") == "running\n"  # what the solution started outlived it
 
 
 def test_a_wrong_solution_scores_zero_and_other_users_can_write(trials: dict[str, dict[str, Any]]) -> None:

@@ -8,3 +8,4 @@ else
     echo 0 > /logs/verifier/reward.txt
 fi
 echo "verified as $(id -un) in $PWD" > /logs/verifier/report/who.txt
+if kill -0 "$(cat /app/server.pid)" 2>/dev/null; then echo running; else echo gone; fi > /logs/verifier/report/server.txt
