@@ -6,8 +6,9 @@ Each session has its own local worker subprocess; producers are separate process
 share of the sessions with one thread per session, each thread running `true` back to back). Every worker answers
 a first `true` before the producers start, and every session has had a result plus 1 s of load before the window
 opens, so it holds steady state only (no worker boot, no producer start). Reported: commands completed per second
-within the window, and the CPU time used by the whole machine (from /proc/stat) in the window per command; the
-JSON also has each session's commands in the window.
+within the window, and the CPU time used by the whole machine (from /proc/stat) in the window per command, then the
+same split by role: the producer processes, the workers (all their threads), the shells (each worker's children:
+bash and its guard) and Redis; the JSON also has each session's commands in the window.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from producer import Client, ClientSettings  # noqa: E402
 
 BOOT_LIMIT = 300  # seconds all workers of a point may take to boot
 WARMUP = 1.0  # seconds of load before the window opens
+ROLES = ("producers", "workers", "shells", "redis")
+"""Where the CPU per command went (/proc/PID/stat of each role's processes, in µs per command)."""
 
 
 def cpu_seconds() -> float:
@@ -43,6 +46,27 @@ def cpu_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds `pid` used so far, all its threads (utime + stime of /proc/PID/stat); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def roles_cpu(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each role's processes."""
+    return {role: sum(process_cpu(pid) for pid in pids) for role, pids in roles.items()}
 
 
 def drive(url: str, sessions: list[tuple[int, str]], counts: Any, stop: Any) -> None:
@@ -94,7 +118,7 @@ def wait_ready(url: str, names: list[str], workers: list[subprocess.Popen[bytes]
         s.run("true", timeout=60)
 
 
-def measure(url: str, tmp: Path, n: int, seconds: float) -> dict[str, Any]:
+def measure(url: str, redis_pid: int, tmp: Path, n: int, seconds: float) -> dict[str, Any]:
     names = [f"tp{n}-{i}" for i in range(n)]
     workers = start_workers(url, tmp, names)
     counts = mp.Array("q", n, lock=False)  # results per session; each slot written by one thread only
@@ -111,9 +135,15 @@ def measure(url: str, tmp: Path, n: int, seconds: float) -> dict[str, Any]:
                 raise RuntimeError("the producers did not get going")
             time.sleep(0.05)
         time.sleep(WARMUP)
-        done0, cpu0, t0 = list(counts), cpu_seconds(), time.monotonic()
+        roles = {
+            "producers": [p.pid for p in procs if p.pid is not None],
+            "workers": [w.pid for w in workers],
+            "shells": [c for w in workers for c in children(w.pid)],  # bash and its guard
+            "redis": [redis_pid],
+        }
+        done0, cpu0, by0, t0 = list(counts), cpu_seconds(), roles_cpu(roles), time.monotonic()
         time.sleep(seconds)
-        done1, cpu1, t1 = list(counts), cpu_seconds(), time.monotonic()
+        done1, cpu1, by1, t1 = list(counts), cpu_seconds(), roles_cpu(roles), time.monotonic()
     finally:
         stop.set()
         for p in procs:
@@ -133,6 +163,7 @@ def measure(url: str, tmp: Path, n: int, seconds: float) -> dict[str, Any]:
         "commands": total,
         "commands_per_s": total / (t1 - t0),
         "cpu_us_per_cmd": (cpu1 - cpu0) / max(total, 1) * 1e6,
+        "cpu_us_per_cmd_by_role": {role: (by1[role] - by0[role]) / max(total, 1) * 1e6 for role in by0},
         "per_session": per_session,
     }
 
@@ -150,16 +181,17 @@ def main() -> None:
         f"# throughput — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cpus; Redis {version}, "
         f"AOF {args.appendfsync}; {args.seconds:g} s per point"
     )
-    print(f"{'sessions':>8}{'commands/s':>12}{'cpu µs/cmd':>12}")
+    print(f"{'sessions':>8}{'commands/s':>12}{'cpu µs/cmd':>12}" + "".join(f"{r:>11}" for r in ROLES))
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     meta: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "redis": version}
     meta |= {"aof": args.appendfsync, "seconds": args.seconds, "warmup_s": WARMUP}
     results: dict[str, dict[str, Any]] = {}
     try:
         for n in args.sessions:
-            r = measure(url, tmp, n, args.seconds)
+            r = measure(url, server.pid, tmp, n, args.seconds)
             results[str(n)] = r
-            print(f"{n:>8}{r['commands_per_s']:>12.0f}{r['cpu_us_per_cmd']:>12.0f}", flush=True)
+            by_role = "".join(f"{x:>11.0f}" for x in r["cpu_us_per_cmd_by_role"].values())
+            print(f"{n:>8}{r['commands_per_s']:>12.0f}{r['cpu_us_per_cmd']:>12.0f}{by_role}", flush=True)
             if args.json:  # after every point, so the points measured survive a later one failing
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

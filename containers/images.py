@@ -65,7 +65,7 @@ import glob, os, platform
 os.chmod(server, 0o755)
 os.symlink(server, "/usr/local/bin/valkey-server")
 with open("/usr/local/bin/shellq", "w") as f:
-    f.write("#!/bin/sh\\nexport PYTHONPATH=/opt/shellq/lib\\nexec python3 -m producer.cli \\"$@\\"\\n")
+    f.write("#!/bin/sh\\nexport PYTHONPATH=/opt/shellq/lib\\nexec python3 -m producer.cli_fast \\"$@\\"\\n")
 os.chmod("/usr/local/bin/shellq", 0o755)
 """
 

@@ -16,12 +16,13 @@
                                                the name is free again; --keep keeps its history to resume it
     shellq session list                        name, backend, worker, state, queue depth, epoch, current command
                                                (or "no worker, N queued")
-    shellq exec S [--timeout T] [--json | --follow] [-i] [-u USER] [--env K=V] [--cwd DIR] -- CMD
+    shellq exec S [--timeout T] [--json | --follow] [-i] [-u USER] [--env K=V] [--cwd DIR] [--id ID] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
                                                and never will, 75 when it started but its result never came);
                                                --follow prints its output as it comes; -i gives it this stdin;
-                                               -u runs it as USER in a child of the shell
+                                               -u runs it as USER in a child of the shell; --id ID
+                                               again returns that run's result instead of a rerun
     shellq cp SRC DST                          copy files or trees to or from a session (S:PATH, like docker cp;
                                                DST - prints a session file)
     shellq log S [--full] [--json] [--follow] [--since ID]
@@ -61,6 +62,7 @@ import redis
 
 from producer import files, history
 from producer.attach import add_attach_verb
+from producer.cli_fast import exit_status
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
@@ -216,6 +218,7 @@ def _add_exec_verbs(verbs: Any) -> None:
     ex.add_argument("-u", "--user", help="run it as this user (in a child of the shell; its state is untouched)")
     ex.add_argument("--env", action="append", default=[], metavar="K=V", help="export K=V first (repeatable)")
     ex.add_argument("--cwd", help="cd here first")
+    ex.add_argument("--id", help="the command id: run again with the same id, it returns that run's result (no rerun)")
     ex.add_argument("command", nargs="*", help="the command (after --), joined with spaces")
     ex.set_defaults(handler=cmd_exec)
     cp = verbs.add_parser("cp", help="copy files or trees between here and a session (S:PATH names a session path)")
@@ -520,7 +523,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     env = dict(_key_value(item) for item in args.env)
     stdin = sys.stdin.buffer.read() if args.interactive else None
     session = _client().session(args.name)
-    cid = f"c-{secrets.token_hex(8)}"
+    cid = args.id or f"c-{secrets.token_hex(8)}"
     run = _follow if args.follow else Session.run
     options: dict[str, Any] = {"id": cid, "env": env or None, "cwd": args.cwd, "stdin": stdin, "user": args.user}
     try:
@@ -711,14 +714,7 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def _exit_status(r: Result) -> int:
-    if r.status in ("completed", "shell_exited") and r.exit_code is not None:
-        return r.exit_code
-    if r.status == "timeout":
-        return EXIT_TIMEOUT
-    if r.status == "cancelled":
-        return EXIT_CANCELLED
-    print(f"shellq: command {r.id} {r.status}: {r.error or 'no exit status'}", file=sys.stderr)
-    return EXIT_SHELLQ
+    return exit_status(r.id, r.status, r.exit_code, r.error)
 
 
 def _json_view(r: Result) -> dict[str, Any]:

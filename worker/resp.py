@@ -14,17 +14,20 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from _thread import _local, allocate_lock
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
 from worker.errors import ConfigError, RedisReplyError, RedisUnavailableError
 
-Command = Sequence[Any]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `shellq exec`'s start-up (producer/cli_fast.py)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any, TypeAlias
+
+    Command: TypeAlias = Sequence[Any]
 
 
 class Redis:
@@ -59,8 +62,8 @@ class Redis:
         self._name = name
         self._timeout = timeout
         self._connect_timeout = connect_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._local = _local()
+        self._lock = allocate_lock()
         self._open: set[_Connection] = set()
 
     def _read_password(self, conn: _Connection) -> str:
@@ -138,7 +141,10 @@ class Redis:
                 sock.settimeout(self._connect_timeout)
                 sock.connect(self._address)
             else:
-                sock = socket.create_connection(self._address, timeout=self._connect_timeout)
+                host, port = self._address
+                # bytes: a str host would load the IDNA codec (~1 ms of `shellq exec`'s start-up)
+                address = (host.encode() if host.isascii() else host, port)  # getaddrinfo takes bytes; typeshed not
+                sock = socket.create_connection(address, timeout=self._connect_timeout)  # type: ignore[arg-type]
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self._tls:
