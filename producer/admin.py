@@ -93,7 +93,7 @@ def _queue_depth(r: redis.Redis, cmd_key: str) -> int | None:
 def delete_session(client: Client, session: str) -> int:
     """Delete every key of a session (streams, meta, journal); returns how many were deleted."""
     k = protocol.keys(session)
-    names: list[Any] = [k.cmd, k.res, k.ctl, k.live, k.meta, k.lease, k.seq]
+    names: list[Any] = [k.cmd, k.res, k.ctl, k.live, k.meta, k.lease, k.seq, k.wake]
     for pattern in (k.jrnl("*"), k.input("*"), k.output("*")):
         names += list(client.redis.scan_iter(match=pattern, count=1000))
     return int(client.redis.delete(*names))

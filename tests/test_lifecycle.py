@@ -444,3 +444,29 @@ def test_in_process_worker_stopped_while_waiting_for_the_lease_returns_0(
     second.stop(grace=0)
     thread.join(timeout=10)
     assert codes == [0]
+
+
+def test_a_stop_ends_the_workers_blocking_reads_at_once_under_its_own_acl_user(
+    redis_server: RedisServer, session_id: str, tmp_path: Path
+) -> None:
+    """A session's worker user may not CLIENT LIST or CLIENT UNBLOCK: its stop wakes its blocking reads through
+    the session's wake stream. Reads that block two minutes (the command stream's and the control thread's) end at
+    once, for a worker and for its successor, whom the predecessor's wake-up left alone."""
+    from containers import access
+    from worker.settings import WorkerSettings
+
+    creds = access.grant(redis_server.client(), session_id)
+    url = access.url_for(redis_server.url, creds.worker_user, creds.worker_password)
+    long_reads = {"block_ms": 120_000, "heartbeat": 120.0, "lease_ttl": 300.0}
+    for n in range(2):
+        worker = Worker(WorkerSettings(redis_url=url, session=session_id, work_dir=tmp_path / f"w{n}", **long_reads))
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda w=worker: codes.append(w.serve()), daemon=True)
+        thread.start()
+        with Client(redis_server.url) as client:
+            assert client.session(session_id).run(f"echo {n}", timeout=30).stdout == f"{n}\n"
+        time.sleep(0.2)  # back in its blocking read
+        worker.stop(grace=0)
+        thread.join(timeout=30)  # without a wake-up it would wait out a 120 s read
+        assert codes == [0]
+        redis_server.client().delete(protocol.keys(session_id).lease)  # the successor need not wait out the lease

@@ -36,9 +36,12 @@ class Control(threading.Thread):
             try:
                 w.renewed(self.store.beat(w.heartbeat_fields()))
                 block = int(s.heartbeat * 1000)
-                reply: Any = self.store.redis.call("XREAD", "BLOCK", block, "STREAMS", self.store.keys.ctl, last)
-                for last, fields in protocol.stream_entries(reply):
-                    self._on_message(fields, fresh=int(last.split("-")[0]) >= started)
+                k = self.store.keys
+                reply: Any = self.store.redis.call(
+                    "XREAD", "BLOCK", block, "STREAMS", k.ctl, k.wake, last, self.store.wake_seen
+                )
+                for last, fields in self.store.woken(reply):
+                    self._on_message(fields or {}, fresh=int(last.split("-")[0]) >= started)
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + s.janitor_every
                     self.store.trim()

@@ -170,6 +170,7 @@ class Worker:
             log.info("stopped while waiting for the lease of session %s", self.settings.session)
             return False
         self._serving = True
+        self.store.note_wake()
         self.store.open_session(self.work_dir / ".shellq-session")
         previous = self.store.redis.call("HGET", self.store.keys.meta, "shell_epoch")
         if previous is not None:  # a new worker means a new bash: its epoch continues the session's count

@@ -81,6 +81,8 @@ class Keys(NamedTuple):
     meta: str
     lease: str
     seq: str
+    wake: str
+    """The worker's own wake-up stream: a stop adds an entry, which ends the worker's blocking reads at once."""
 
     def jrnl(self, command_id: str) -> str:
         """The journal hash of one command: `entry` (its command entry id), `res` (its result entry id)."""
@@ -98,7 +100,7 @@ class Keys(NamedTuple):
 def keys(session: str) -> Keys:
     check_id(session, "session id")
     p = f"shellq:{{{session}}}:"
-    return Keys(p + "cmd", p + "res", p + "ctl", p + "live", p + "meta", p + "lease", p + "seq")
+    return Keys(p + "cmd", p + "res", p + "ctl", p + "live", p + "meta", p + "lease", p + "seq", p + "wake")
 
 
 class WireModel(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,18 +54,36 @@ class SessionStore:
         self._ttl_ms = int(settings.lease_ttl * 1000)
         self._owners: dict[str, str] = {}  # entry id -> the entry owning its command id, for entries just taken
         self._cancels: dict[str, str] = {}  # entry id -> why a producer cancelled it before it was taken
+        self.wake_seen = "0-0"
+        """The newest wake stream entry this worker has seen (see `wake`)."""
 
     def wake(self) -> None:
-        """CLIENT UNBLOCK this worker's connections (CLIENT LIST, by name), so that a stop does not wait out their
-        blocking reads. Best effort: without the permission, the reads end within a second anyway."""
+        """XADD to the session's wake stream, which every blocking read of this worker also waits on (see
+        `wake_seen`): a stop does not wait out those reads. Best effort: without Redis, they end within a second."""
         try:
             with contextlib.suppress(RedisUnavailableError, RedisReplyError):
-                for line in self.redis.call("CLIENT", "LIST").decode().splitlines():
-                    client = dict(kv.partition("=")[::2] for kv in line.split(" "))
-                    if client.get("name") == self.name and client.get("cmd") == "xread":
-                        self.redis.call("CLIENT", "UNBLOCK", client["id"])
+                self.redis.pipeline(
+                    ("XADD", self.keys.wake, "MAXLEN", 1, "*", "pid", os.getpid()), ("EXPIRE", self.keys.wake, 60)
+                )
         finally:
             self.redis.release()  # this thread's own connection: the worker may have closed the others already
+
+    def note_wake(self) -> None:
+        """Remember the wake stream's newest entry (one a predecessor left): only a newer one wakes this worker."""
+        kept: Any = self.redis.call("XRANGE", self.keys.wake, "-", "+")  # one entry at most (MAXLEN 1)
+        self.wake_seen = kept[-1][0].decode() if kept else "0-0"
+
+    def woken(self, reply: Any) -> list[Entry]:
+        """The entries of `reply` (an XREAD of some stream and the wake stream) that are not wake-ups, noting the
+        wake-ups seen (a predecessor's stop, say, which does not concern this worker: the next read waits past it)."""
+        entries: list[Entry] = []
+        for key, found in reply.items() if isinstance(reply, dict) else reply or []:
+            got = _entries([[key, found]])
+            if key.decode() == self.keys.wake:
+                self.wake_seen = got[-1][0] if got else self.wake_seen
+            else:
+                entries += got
+        return entries
 
     def close(self) -> None:
         self.redis.close()
@@ -210,7 +229,7 @@ class SessionStore:
         a producer cancelled before any worker took them, and remembers who owns the taken entry's command id
         (see `original`) and whether a producer cancelled it (see `cancel_reason`)."""
         k = self.keys
-        wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, after)
+        wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", k.cmd, k.wake, after, self.wake_seen)
         take: tuple[Any, ...] = ("FCALL", "shellq_take", 2, k.cmd, k.lease, protocol.CALLER, self.token)
         take += (protocol.GROUP, CONSUMER, self.settings.journal_ttl)
         calls = (commit, wait, take) if commit else (wait, take)
@@ -221,7 +240,7 @@ class SessionStore:
             if reply[2]:
                 self._cancels[entry[0]] = reply[2].decode(errors="replace")
             return entry, entry[0]
-        newer = _entries(seen)
+        newer = self.woken(seen)
         return None, newer[-1][0] if newer else after  # never wait again on an entry someone else took
 
     def original(self, command_id: str, entry_id: str) -> str | None:
