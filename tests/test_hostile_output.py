@@ -126,7 +126,8 @@ def test_run_directory_removed_during_a_command(shell: Shell, tmp_path: Path) ->
 # -- orphans reaped while a command runs --------------------------------------------------------------------------
 
 
-def _zombie_children() -> int:
+def _zombie_children(session: int) -> int:
+    """Zombie children of this process in the session `session` (another test's leftovers are not this one's)."""
     me, count = os.getpid(), 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -135,7 +136,7 @@ def _zombie_children() -> int:
             except OSError:
                 continue
             fields = stat[stat.rindex(b")") + 2 :].split()
-            if fields[0] == b"Z" and int(fields[1]) == me:
+            if fields[0] == b"Z" and int(fields[1]) == me and int(fields[3]) == session:
                 count += 1
     return count
 
@@ -146,10 +147,11 @@ def test_orphans_are_reaped_while_a_long_command_runs(make_shell: Callable[..., 
     sh = make_shell(reap_orphans=True)
     seen: list[int] = []
     stop = threading.Event()
+    session = sh.pid  # bash leads its own session, and its jobs' orphans stay in it
 
     def sample() -> None:
         while not stop.wait(0.1):
-            seen.append(_zombie_children())
+            seen.append(_zombie_children(session))
 
     sampler = threading.Thread(target=sample)
     sampler.start()

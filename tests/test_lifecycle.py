@@ -461,7 +461,7 @@ def test_a_stop_ends_the_workers_blocking_reads_at_once_under_its_own_acl_user(
     for n in range(2):
         worker = Worker(WorkerSettings(redis_url=url, session=session_id, work_dir=tmp_path / f"w{n}", **long_reads))
         codes: list[int] = []
-        thread = threading.Thread(target=lambda w=worker: codes.append(w.serve()), daemon=True)
+        thread = threading.Thread(target=lambda w=worker, c=codes: c.append(w.serve()), daemon=True)
         thread.start()
         with Client(redis_server.url) as client:
             assert client.session(session_id).run(f"echo {n}", timeout=30).stdout == f"{n}\n"
