@@ -15,9 +15,7 @@ driven with `worker.shell_driver`):
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
 import functools
 import math
 import os
@@ -28,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -58,9 +55,8 @@ _ENV_DROPPED = ("BASH_ENV", "ENV", "PROMPT_COMMAND", "HISTFILE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _TICK = 0.2  # seconds between checks that bash was not stopped, is not back at its prompt unreported, and reaping
 _QUIET = 0.002
-"""Seconds a command runs before the worker first looks whether it has written anything (see `Shell._look`): its
-output FIFOs are watched (read as they fill, published live) only from then on, so a short or quiet command wakes
-the worker once, with its report, not also for each FIFO bash closes before that."""
+"""Seconds a command runs before its output FIFOs are watched (read as they fill) rather than read at its end: a
+short command then wakes the worker once, with its report, not also for each FIFO bash closes before that."""
 _READY = b"shellq-ready"
 
 
@@ -343,51 +339,33 @@ class Shell:
 
     def _wait(self, run: _Running) -> None:
         """Read output and reports until the command is over, stepping through the escalation when it has to stop.
-        The output FIFOs are watched once the command has written something and run `_QUIET` seconds (`_look`); bash
-        is checked on (`_check_idle`) after a whole `_TICK` without any event."""
+        The output FIFOs are watched from `_QUIET` seconds on (a pipe holds 64 KiB until then)."""
         poller = select.poll()
         for fd in (self._bash.report_fd, self._wake_r, self._bash.pidfd):
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-        quiet, look = _QUIET, time.monotonic() + _QUIET
-        last_event = time.monotonic()
+        watch_from = time.monotonic() + _QUIET
         while not run.done:
             now = time.monotonic()
-            if look and now >= look:
-                quiet, look = self._look(run, poller, quiet, now)
-            wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK, look or math.inf) - now
+            if watch_from and now >= watch_from:
+                watch_from = 0.0
+                self._watch(run, poller)
+            wait = min(run.deadline if run.step == 0 else run.step_deadline, now + _TICK, watch_from or math.inf) - now
             events = poller.poll(math.ceil(max(0.0, wait) * 1000))
             for fd, _ in events:
-                self._on_event(fd, run, poller)
-            now = time.monotonic()
-            if events:
-                last_event = now
-            self._check_progress(run, poller, idle=now - last_event >= _TICK)
-            if not events and now - last_event >= _TICK:
-                last_event = now  # the next check on bash a tick from now
-
-    def _on_event(self, fd: int, run: _Running, poller: select.poll) -> None:
-        if fd in run.streams:
-            self._pump(fd, run, poller)
-        elif fd == self._bash.report_fd:
-            self._read_reports(run)
-        elif fd == self._bash.pidfd:
-            self._read_reports(run)  # what it said before it went
-            run.bash_gone = run.done = True
-        else:
-            read_available(self._wake_r)  # an interrupt: acted on in _check_progress
-
-    def _look(self, run: _Running, poller: select.poll, quiet: float, now: float) -> tuple[float, float]:
-        """The command has run `quiet` seconds: once it has written something (or run a `_TICK`), watch its FIFOs;
-        else look again after twice as long. A quiet command then wakes the worker once, with its report, however
-        long it waits for a CPU (not also at each look, nor for each FIFO bash closes). -> (quiet, next look or 0)"""
-        if quiet < _TICK and not any(_pending(fd) for fd in run.streams):
-            return quiet * 2, now + quiet * 2
-        self._watch(run, poller)
-        return quiet, 0.0
+                if fd in run.streams:
+                    self._pump(fd, run, poller)
+                elif fd == self._bash.report_fd:
+                    self._read_reports(run)
+                elif fd == self._bash.pidfd:
+                    self._read_reports(run)  # what it said before it went
+                    run.bash_gone = run.done = True
+                else:
+                    read_available(self._wake_r)  # an interrupt: acted on in _check_progress
+            self._check_progress(run, poller, idle=not events)
 
     def _watch(self, run: _Running, poller: select.poll) -> None:
-        """Read the command's output as it comes, and publish it live."""
+        """The command has run `_QUIET` seconds: read its output as it comes, and publish it live."""
         for fd in run.streams:  # not read here: a FIFO bash has not opened yet reads as EOF
             poller.register(fd, select.POLLIN)
         if run.live is not None:
@@ -568,16 +546,6 @@ class Shell:
             shell_epoch=epoch,
             error="; ".join(e for e in (run.error, run.captures.problem()) if e) or None,
         )
-
-
-def _pending(fd: int) -> int:
-    """Bytes waiting in a FIFO (FIONREAD); 0 when that cannot be read."""
-    queued = array.array("i", [0])
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, queued)
-    except OSError:
-        return 0
-    return queued[0]
 
 
 def _shell_env(extra: dict[str, str] | None, user: ShellUser | None) -> dict[str, str]:
