@@ -7,8 +7,9 @@ share of the sessions with one thread per session, each thread running `true` ba
 a first `true` before the producers start, and every session has had a result plus 1 s of load before the window
 opens, so it holds steady state only (no worker boot, no producer start). Reported: commands completed per second
 within the window, and the CPU time used by the whole machine (from /proc/stat) in the window per command, then the
-same split by role: the producer processes, the workers (all their threads), the shells (each worker's children:
-bash and its guard) and Redis; the JSON also has each session's commands in the window.
+same split by role, with each role's context switches per command: the producer processes, the workers (all their
+threads), the shells (each worker's children: bash and its guard) and Redis; the JSON also has each session's
+commands in the window.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_switches(pid: int) -> int:
+    """Context switches of every thread of `pid` so far (voluntary + involuntary, /proc/PID/task/*/status)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -64,9 +78,12 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def roles_cpu(roles: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of each role's processes."""
-    return {role: sum(process_cpu(pid) for pid in pids) for role, pids in roles.items()}
+def roles_cpu(roles: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
+    """CPU seconds and context switches so far of each role's processes."""
+    return {
+        role: (sum(process_cpu(pid) for pid in pids), sum(process_switches(pid) for pid in pids))
+        for role, pids in roles.items()
+    }
 
 
 def drive(url: str, sessions: list[tuple[int, str]], counts: Any, stop: Any) -> None:
@@ -163,7 +180,8 @@ def measure(url: str, redis_pid: int, tmp: Path, n: int, seconds: float) -> dict
         "commands": total,
         "commands_per_s": total / (t1 - t0),
         "cpu_us_per_cmd": (cpu1 - cpu0) / max(total, 1) * 1e6,
-        "cpu_us_per_cmd_by_role": {role: (by1[role] - by0[role]) / max(total, 1) * 1e6 for role in by0},
+        "cpu_us_per_cmd_by_role": {role: (by1[role][0] - by0[role][0]) / max(total, 1) * 1e6 for role in by0},
+        "switches_per_cmd_by_role": {role: (by1[role][1] - by0[role][1]) / max(total, 1) for role in by0},
         "per_session": per_session,
     }
 
@@ -181,7 +199,12 @@ def main() -> None:
         f"# throughput — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cpus; Redis {version}, "
         f"AOF {args.appendfsync}; {args.seconds:g} s per point"
     )
-    print(f"{'sessions':>8}{'commands/s':>12}{'cpu µs/cmd':>12}" + "".join(f"{r:>11}" for r in ROLES))
+    print(f"{'':>32}{'CPU µs per command':^44}{'context switches per command':^36}")
+    print(
+        f"{'sessions':>8}{'commands/s':>12}{'cpu µs/cmd':>12}"
+        + "".join(f"{r:>11}" for r in ROLES)
+        + "".join(f"{r[:8]:>9}" for r in ROLES)
+    )
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     meta: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "redis": version}
     meta |= {"aof": args.appendfsync, "seconds": args.seconds, "warmup_s": WARMUP}
@@ -191,7 +214,8 @@ def main() -> None:
             r = measure(url, server.pid, tmp, n, args.seconds)
             results[str(n)] = r
             by_role = "".join(f"{x:>11.0f}" for x in r["cpu_us_per_cmd_by_role"].values())
-            print(f"{n:>8}{r['commands_per_s']:>12.0f}{r['cpu_us_per_cmd']:>12.0f}{by_role}", flush=True)
+            switches = "".join(f"{x:>9.1f}" for x in r["switches_per_cmd_by_role"].values())
+            print(f"{n:>8}{r['commands_per_s']:>12.0f}{r['cpu_us_per_cmd']:>12.0f}{by_role}{switches}", flush=True)
             if args.json:  # after every point, so the points measured survive a later one failing
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
