@@ -23,6 +23,7 @@ RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
 
 RUNS = [
+    ("The CLI: `shellq exec S -- true`", ["cli.py", "--json", "RESULTS/cli.json"]),
     (
         "Round trip of `true`, AOF everysec",
         ["roundtrip.py", "--runs", "3000", "--json", "RESULTS/roundtrip-everysec.json"],
