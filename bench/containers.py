@@ -50,12 +50,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import docker
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from roundtrip import free_port, summary, timed
+from roundtrip import start_redis, summary, timed
 
 if TYPE_CHECKING:  # imported where used: with --before, this process never imports a docker backend
     from containers.docker_backend import DockerBackend
@@ -130,29 +129,6 @@ finally:
 """
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """A private redis-server as bench/roundtrip.py starts one (loopback, AOF everysec), plus a unix socket alone in a
-    directory of its own: a docker backend that mounts Redis's socket into its containers needs one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH")
-    (workdir / "sock").mkdir(mode=0o700)
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", ""]
-    args += ["--appendonly", "yes", "--appendfsync", "everysec"]
-    args += ["--unixsocket", str(workdir / "sock" / "redis.sock"), "--unixsocketperm", "700"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(500):
-        try:
-            return proc, url, f"redis-server {client.info('server').get('redis_version', '?')}"
-        except redis.ConnectionError:
-            time.sleep(0.01)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
-
-
 def wait_gone(engine: docker.DockerClient, filters: dict[str, str]) -> None:
     while engine.containers.list(all=True, filters=filters):
         time.sleep(0.005)
@@ -196,7 +172,7 @@ def measure(args: argparse.Namespace) -> None:
 
     engine = docker.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="shellq-bench-"))
-    server, url, version = start_server(tmp)
+    server, url, version = start_redis(tmp, "everysec", unix_socket=True)
     try:
         with DockerBackend(url, image=args.image) as backend:
             raw = lifecycles(engine, backend, url, args.image, args.starts)

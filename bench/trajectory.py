@@ -220,7 +220,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SIGTERM still runs the cleanups below
     engine = docker.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="shellq-trajectory-"))
-    server, url, redis_version = start_redis(tmp, "everysec")
+    server, url, redis_version = start_redis(tmp, "everysec", unix_socket=True)
     box_roots = roots("/tmp/trajectory", args.repeat)
     results: dict[str, Any] = {}
     left_out = {

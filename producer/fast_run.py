@@ -7,7 +7,7 @@ entry that is not what a worker writes, a session lost or a full queue) ends in 
 
 from __future__ import annotations
 
-import re
+import os
 import sys
 import time
 
@@ -45,13 +45,13 @@ RESULT_FIELDS = {
 
 def functions() -> tuple[str, str]:
     """worker/functions.lua, as worker/protocol.py reads it: its code and the caller name `shellq/<version>`."""
-    from pathlib import Path
-
     import worker
 
-    code = Path(worker.__file__).with_name("functions.lua").read_text()
-    version = re.search(r"^local VERSION = (\d+)$", code, re.MULTILINE)
-    return code, f"shellq/{int(version.group(1)) if version else 0}"
+    with open(os.path.join(os.path.dirname(worker.__file__), "functions.lua"), encoding="utf-8") as f:  # no pathlib
+        code = f.read()
+    found = [line for line in code.splitlines() if line.startswith("local VERSION = ")]
+    version = found[0].removeprefix("local VERSION = ").strip() if found else "0"
+    return code, f"shellq/{int(version) if version.isdigit() else 0}"
 
 
 class Run:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, RUN_ID, RedisServer, server_binaries, wait_for
+from helpers import ROOT, RUN_ID, Cli, RedisServer, server_binaries, wait_for
 
 from worker import protocol
 from worker.loop import Worker
@@ -214,3 +214,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         client.close()
     except DockerException:
         pass
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    """A private `shellq up` server for a module's tests, driven through the console script (helpers.Cli)."""
+    script = Path(sys.executable).parent / "shellq"
+    assert script.exists(), f"the console script is not installed next to {sys.executable} (pip install -e .)"
+    run = Cli(tmp_path_factory.mktemp("shellq-home"))
+    up = run("up")
+    assert up.returncode == 0, up.stderr
+    yield run
+    run("down")
+
+
+@pytest.fixture
+def cli_session(cli: Cli, session_id: str) -> Iterator[str]:
+    """A session started with `shellq session start` (a local worker) on the `cli` server; stopped afterwards."""
+    started = cli("session", "start", "--name", session_id)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout == f"{session_id}\n".encode()
+    yield session_id
+    cli("session", "stop", session_id)

@@ -19,21 +19,9 @@ ATTACH = [str(Path(sys.executable).parent / "shellq"), "attach"]
 Spawn = Callable[..., pexpect.spawn]
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run = Cli(tmp_path_factory.mktemp("shellq-home"))
-    up = run("up")
-    assert up.returncode == 0, up.stderr
-    yield run
-    run("down")
-
-
 @pytest.fixture
-def session(cli: Cli, session_id: str) -> Iterator[str]:
-    started = cli("session", "start", "--name", session_id)
-    assert started.returncode == 0, started.stderr
-    yield session_id
-    cli("session", "stop", session_id)
+def session(cli_session: str) -> str:
+    return cli_session
 
 
 @pytest.fixture

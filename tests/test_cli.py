@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,23 +22,9 @@ from worker import protocol
 SHELLQ = Path(sys.executable).parent / "shellq"
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    assert SHELLQ.exists(), f"the console script is not installed next to {sys.executable} (pip install -e .)"
-    run = Cli(tmp_path_factory.mktemp("shellq-home"))
-    up = run("up")
-    assert up.returncode == 0, up.stderr
-    yield run
-    run("down")
-
-
 @pytest.fixture
-def session(cli: Cli, session_id: str) -> Iterator[str]:
-    started = cli("session", "start", "--name", session_id)
-    assert started.returncode == 0, started.stderr
-    assert started.stdout == f"{session_id}\n".encode()
-    yield session_id
-    cli("session", "stop", session_id)
+def session(cli_session: str) -> str:
+    return cli_session
 
 
 def test_up_records_a_private_server_the_other_verbs_find(cli: Cli, tmp_path: Path) -> None:

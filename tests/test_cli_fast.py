@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
@@ -35,7 +35,6 @@ def test_the_copied_constants_match_their_originals() -> None:
         files.INLINE,
     )
     assert cli_fast.MAX_ENTRY_BYTES == protocol.MAX_ENTRY_BYTES
-    assert cli_fast.ID_PATTERN.pattern == protocol.ID_PATTERN.pattern
     assert cli_fast.ENV_NAMES == protocol.ENV_NAMES
     assert fast_run.functions() == (protocol.FUNCTIONS, protocol.CALLER)
     exits = (cli.EXIT_TIMEOUT, cli.EXIT_SHELLQ, cli.EXIT_CANCELLED, cli.EXIT_STARTED)
@@ -50,6 +49,17 @@ def test_the_copied_constants_match_their_originals() -> None:
     }
     for url in ("redis://:pw@127.0.0.1:6379/0", "redis://127.0.0.1", "unix:///tmp/x.sock"):
         assert fast_run.redact(url) == core.redact(url)
+
+
+NAMES = ["c-1", "a" * 64, "a" * 65, "", "-a", "_a", "a-_b", "1-2", "12-34", "1-", "-1", "a.b", "a:b", "é", "a b"]
+ARABIC_DIGITS = "\u0661-\u0662"  # `\\d` of a bytes pattern takes ASCII digits only
+
+
+@pytest.mark.parametrize("text", [*NAMES, ARABIC_DIGITS])
+def test_the_fast_paths_id_and_name_checks_agree_with_the_protocols(text: str) -> None:
+    assert cli_fast.valid_id(text) == bool(protocol.ID_PATTERN.match(text))
+    assert cli_fast.is_entry_id(text) == protocol.is_entry_id(text)
+    assert cli_fast.valid_env_name(text) == bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", text))
 
 
 @pytest.mark.parametrize(
@@ -271,21 +281,14 @@ def test_a_worker_is_gone_when_the_client_says_so(reply: list[Any]) -> None:
 # -- end to end: the console script, against a `shellq up` server ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shellq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    run = Cli(tmp_path_factory.mktemp("shellq-home"))
-    up = run("up")
-    assert up.returncode == 0, up.stderr
-    yield run
-    run("down")
+@pytest.fixture
+def shellq(cli: Cli) -> Cli:
+    return cli
 
 
 @pytest.fixture
-def session(shellq: Cli, session_id: str) -> Iterator[str]:
-    started = shellq("session", "start", "--name", session_id)
-    assert started.returncode == 0, started.stderr
-    yield session_id
-    shellq("session", "stop", session_id)
+def session(cli_session: str) -> str:
+    return cli_session
 
 
 def fast(shellq: Cli, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[bytes], str]:

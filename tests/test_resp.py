@@ -119,3 +119,55 @@ def test_a_server_that_stops_answering_is_an_outage_after_the_timeout(server: Re
 def test_unsupported_url_schemes_are_refused() -> None:
     with pytest.raises(ConfigError, match="unsupported Redis URL scheme"):
         resp.Redis("http://localhost:6379")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost",
+        "redis://LocalHost:7000/3",
+        "rediss://user:pa:ss@host.example:6380/1",
+        "redis://:secret@127.0.0.1:1/0",
+        "redis://shellq.worker.s1:hex0123@127.0.0.1:40000/0",
+        "redis://user@host",
+        "redis://a@b@host:1",
+        "redis://host:/2",
+        "unix:///run/redis.sock",
+        "unix:///run/redis.sock?db=2",
+        "unix:///tmp/x.sock?password=p%40ss&db=0",
+        "redis://us%3Aer:p%2Fw@127.0.0.1:2/0",
+        "redis://[::1]:6379/0",
+        "redis://host?ssl_cert_reqs=none",
+    ],
+)
+def test_urls_read_without_urllib_read_as_urllib_reads_them(url: str) -> None:
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from worker.resp import Url, split_url
+
+    parts, ours = urlsplit(url), split_url(url)
+    expected = (
+        parts.scheme,
+        unquote(parts.username) if parts.username is not None else None,
+        unquote(parts.password) if parts.password is not None else None,
+        parts.hostname,
+        parts.port,
+        parts.path,
+        {k: v[-1] for k, v in parse_qs(parts.query).items()},
+    )
+    names = ("scheme", "username", "password", "hostname", "port", "path", "query")
+    assert set(names) == set(Url.__slots__)
+    assert tuple(getattr(ours, name) for name in names) == expected
+
+
+@pytest.mark.parametrize("url", ["redis://host:port/0", "redis://host:99999/0"])
+def test_a_bad_port_is_a_value_error_as_with_urllib(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    from worker.resp import split_url
+
+    with pytest.raises(ValueError):
+        _ = urlsplit(url).port
+    with pytest.raises(ValueError):
+        split_url(url)

@@ -11,23 +11,82 @@ RedisReplyError. After either kind of connection failure the socket is dropped a
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import _socket
 import struct
 from _thread import _local, allocate_lock
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
 from worker.errors import ConfigError, RedisReplyError, RedisUnavailableError
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `shellq exec`'s start-up (producer/cli_fast.py)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Sequence
     from pathlib import Path
     from typing import Any, TypeAlias
 
     Command: TypeAlias = Sequence[Any]
+
+# This module is on `shellq exec`'s start-up path (producer/cli_fast.py), where every import counts: `_socket` rather
+# than `socket` (7 ms here: enum, selectors), plain URLs read without urllib.parse (9 ms), no contextlib (3 ms).
+
+
+class Url:
+    """A Redis URL's parts, as urllib.parse reads them (a plain class: typing.NamedTuple would import typing)."""
+
+    __slots__ = ("hostname", "password", "path", "port", "query", "scheme", "username")
+
+    def __init__(
+        self,
+        scheme: str,
+        username: str | None,
+        password: str | None,
+        hostname: str | None,
+        port: int | None,
+        path: str,
+        query: dict[str, str],
+    ) -> None:
+        self.scheme, self.username, self.password = scheme, username, password
+        self.hostname, self.port, self.path = hostname, port, path
+        self.query = query
+        """The last value of each parameter."""
+
+
+def split_url(url: str) -> Url:
+    """`scheme://[user[:password]@]host[:port][/path]` split as urllib.parse's urlsplit, unquote and parse_qs split
+    it (hostname lowercased; ValueError for a bad port); a URL with a query, a %-escape, a fragment, brackets or a
+    backslash goes to urllib.parse itself."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or any(c in url for c in "%?#[]\\") or not scheme.isalpha():
+        return _split_with_urllib(url)
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    host, colon_port, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    if colon_port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        if port:
+            raise ValueError(f"Port could not be cast to integer value as {port!r}")
+        port = ""
+    return Url(
+        scheme.lower(),
+        user if at else None,
+        password if colon else None,
+        host.lower() or None,
+        int(port) if port else None,
+        slash + path,
+        {},
+    )
+
+
+def _split_with_urllib(url: str) -> Url:
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return Url(parts.scheme, user, password, parts.hostname, parts.port, parts.path, query)
 
 
 class Redis:
@@ -42,10 +101,10 @@ class Redis:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
     ) -> None:
-        parts = urlsplit(url)
+        parts = split_url(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"unsupported Redis URL scheme {parts.scheme!r} (redis://, rediss:// or unix://)")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = parts.query
         self.url = url
         self._tls = parts.scheme == "rediss"
         self._query = query
@@ -56,8 +115,8 @@ class Redis:
         if not db.isdigit():
             raise ConfigError(f"invalid database number {db!r} in the Redis URL")
         self._db = int(db)
-        self._user = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
+        self._user = parts.username or None
+        self._password = parts.password or None
         self._password_file = password_file
         self._name = name
         self._timeout = timeout
@@ -133,20 +192,17 @@ class Redis:
                 self._open.add(conn)
         return conn
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _socket.socket:
         where = self._address if isinstance(self._address, str) else "{}:{}".format(*self._address)
         try:
             if isinstance(self._address, str):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 sock.settimeout(self._connect_timeout)
                 sock.connect(self._address)
             else:
-                host, port = self._address
-                # bytes: a str host would load the IDNA codec (~1 ms of `shellq exec`'s start-up)
-                address = (host.encode() if host.isascii() else host, port)  # getaddrinfo takes bytes; typeshed not
-                sock = socket.create_connection(address, timeout=self._connect_timeout)  # type: ignore[arg-type]
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock = _tcp(*self._address, self._connect_timeout)
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
             if self._tls:
                 sock = self._wrap_tls(sock)
         except OSError as e:
@@ -156,12 +212,15 @@ class Redis:
         else:  # the kernel's timeout: a Python one polls before every send and receive (3 more syscalls a command)
             sock.settimeout(None)
             limit = struct.pack("ll", int(self._timeout), int(self._timeout % 1 * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, limit)
         return sock
 
-    def _wrap_tls(self, sock: socket.socket) -> socket.socket:
-        import ssl  # only for rediss://: 2 MB and 15 ms otherwise spent at every worker start
+    def _wrap_tls(self, raw: _socket.socket) -> socket.socket:
+        import socket  # only for rediss://, as ssl: 2 MB and 15 ms otherwise spent at every worker start
+        import ssl
+
+        sock = socket.socket(fileno=raw.detach())
 
         context = ssl.create_default_context(cafile=self._query.get("ssl_ca_certs"))
         if self._query.get("ssl_cert_reqs", "required") == "none":
@@ -176,10 +235,27 @@ class Redis:
             self._open.discard(conn)
 
 
+def _tcp(host: str, port: int, timeout: float) -> _socket.socket:
+    """socket.create_connection: each address of `host` in turn until one connects. The host goes to getaddrinfo
+    as bytes when it is ASCII (a str would load the IDNA codec)."""
+    error: OSError | None = None
+    name = host.encode() if host.isascii() else host
+    for family, kind, proto, _, address in _socket.getaddrinfo(name, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error or OSError(f"getaddrinfo found no address for {host}")
+
+
 class _Connection:
     """A socket and its reply parser."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket | socket.socket) -> None:
         self.sock = sock
         self.reader = hiredis.Reader(replyError=RedisReplyError)
         self.closed = False
@@ -202,5 +278,7 @@ class _Connection:
 
     def close(self) -> None:
         self.closed = True
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - no contextlib on `shellq exec`'s start-up path
             self.sock.close()
+        except OSError:
+            pass
