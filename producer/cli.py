@@ -82,6 +82,9 @@ class CliError(ShellqError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worker.resp import claim_std_fds
+
+    claim_std_fds()  # a closed stdout must not become the Redis socket, which a command's output would then reach
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         from worker.__main__ import main as worker_main

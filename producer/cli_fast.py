@@ -69,12 +69,17 @@ CLIENT_NUMBERS: dict[str, tuple[type, float, float, bool]] = {
     "retry_for": (float, 10.0, 0, True),
 }
 """ClientSettings' numbers: type, default, lower bound, whether the bound itself is allowed."""
+CLIENT_MAXIMUMS = {"journal_ttl": 10 * 365 * 86400}
+"""ClientSettings' upper bounds (worker/protocol.py JOURNAL_TTL_MAX)."""
 SERVER_INFO = frozenset({"url", "port", "pid", "data_dir", "binary", "log"})
 """The fields of containers/embedded.py's record of the `shellq up` server."""
 VALUED = frozenset({"--timeout", "--env", "--cwd", "--id"})
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worker.resp import claim_std_fds
+
+    claim_std_fds()  # a closed stdout must not become the Redis socket, which the command's output would then reach
     argv = sys.argv[1:] if argv is None else argv
     args = parse_exec(argv)
     if args is None:
@@ -219,7 +224,7 @@ def client_settings(environ: os._Environ[str] | dict[str, str]) -> dict[str, flo
         if not (digits.isascii() and digits.isdigit()):
             return None
         value = kind(raw)
-        if value < low or (value == low and not inclusive):
+        if value < low or (value == low and not inclusive) or value > CLIENT_MAXIMUMS.get(name, value):
             return None
         settings[name] = value
     name = environ.get("SHELLQ_CLIENT_NAME") or default_client_name()
@@ -248,7 +253,7 @@ def plain_url(url: str) -> bool:
     password. (rediss:// and options are the full path's.)"""
     from worker.resp import split_url  # urllib.parse's reading, without importing it for a plain URL
 
-    if "?" in url or "#" in url:
+    if "?" in url or "#" in url or not url.startswith(("redis://", "unix://")):  # redis-py takes these in lower case
         return False
     try:
         parts = split_url(url)

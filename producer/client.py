@@ -50,7 +50,7 @@ class ClientSettings(EnvSettings):
     """Seconds without a worker heartbeat after which a wait raises NoWorkerError."""
     default_timeout: float = Field(default=protocol.DEFAULT_TIMEOUT, gt=0)
     """The timeout `run()` waits for when the command names none (the worker applies its own)."""
-    journal_ttl: int = Field(default=7 * 86400, ge=1)
+    journal_ttl: int = Field(default=7 * 86400, ge=1, le=protocol.JOURNAL_TTL_MAX)
     """Seconds a submitted command id stays known (the idempotent-submit window)."""
     queue_cap: int = Field(default=1000, ge=1)
     """Unfinished commands a session may hold until its worker has said its own cap."""

@@ -211,3 +211,17 @@ def test_async_stat_and_merge_stderr(redis_server: RedisServer, session: Session
             return info.size, r.stdout
 
     assert asyncio.run(go()) == (3, "e\n")
+
+
+# -- a cwd that is not UTF-8 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, pytest.param({"user": "nobody"}, marks=needs_root)], ids=["shell", "user"])
+def test_a_missing_cwd_that_is_not_utf8_is_the_commands_error_and_the_worker_goes_on(
+    session: Session, options: dict[str, object]
+) -> None:
+    """Its error message could not be encoded, and the worker died (the next command found no worker)."""
+    r = session.run("pwd", cwd="/tmp/no-such-\udcff", **options)  # type: ignore[arg-type]
+    assert (r.status, r.exit_code) == ("completed", 1)
+    assert r.stderr_bytes == b"bash: cd: /tmp/no-such-\xff: No such file or directory\n"
+    assert session.run("echo alive").stdout == "alive\n"

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import pytest
 import redis
-from helpers import ROOT, Cli, free_port
+from helpers import ROOT, SHELLQ_SCRIPT, Cli, free_port
 
 from containers.embedded import ServerInfo
 from producer import cli, cli_fast, core, fast_run, files
@@ -35,6 +35,7 @@ def test_the_copied_constants_match_their_originals() -> None:
         files.INLINE,
     )
     assert cli_fast.MAX_ENTRY_BYTES == protocol.MAX_ENTRY_BYTES
+    assert cli_fast.CLIENT_MAXIMUMS == {"journal_ttl": protocol.JOURNAL_TTL_MAX}
     assert cli_fast.ENV_NAMES == protocol.ENV_NAMES
     assert fast_run.functions() == (protocol.FUNCTIONS, protocol.CALLER)
     exits = (cli.EXIT_TIMEOUT, cli.EXIT_SHELLQ, cli.EXIT_CANCELLED, cli.EXIT_STARTED)
@@ -371,3 +372,51 @@ def test_no_worker_gives_up_and_cancels_on_the_fast_path(shellq: Cli, session_id
     assert done.returncode == 125
     [line] = [line for line in done.stderr.splitlines() if not line.startswith(b"shellq: using")]
     assert line.startswith(b"shellq: no worker has ever served session") and b"will never run" in line
+
+
+# -- found by trying the two paths side by side ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["fast", "full"])
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_stdout_or_stderr_never_lets_output_reach_redis(
+    shellq: Cli, session: str, path: str, closed: int
+) -> None:
+    """With fd 1 or 2 closed, the Redis connection took that number, and the command's output went to Redis as
+    commands (the full path: exit 0, and `SET` had run)."""
+    key = f"injected-{path}-{closed}"
+    command = f"printf 'SET {key} yes\\r\\n' >&{closed}"
+    script = [str(SHELLQ_SCRIPT)] if path == "fast" else [sys.executable, "-m", "producer.cli"]
+    done = subprocess.run(
+        ["bash", "-c", f'exec "$@" {closed}>&-', "bash", *script, "exec", session, "--", command],
+        env={**shellq.env, "SHELLQ_REDIS_URL": shellq.url()},
+        capture_output=True,
+        cwd=ROOT,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done
+    assert redis.Redis.from_url(shellq.url()).exists(key) == 0
+
+
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis"])
+def test_a_scheme_not_in_lower_case_reads_as_on_the_full_path(shellq: Cli, session: str, scheme: str) -> None:
+    url = shellq.url().replace("redis://", f"{scheme}://", 1)
+    fast_done, _ = fast(shellq, "exec", session, "--", "echo x", env={"SHELLQ_REDIS_URL": url})
+    full_done = full(shellq, "exec", session, "--", "echo x", env={"SHELLQ_REDIS_URL": url})
+    assert (fast_done.returncode, fast_done.stdout, fast_done.stderr) == (
+        full_done.returncode,
+        full_done.stdout,
+        full_done.stderr,
+    )
+    assert redis.Redis.from_url(shellq.url()).xlen(protocol.keys(session).cmd) == 0
+
+
+def test_a_journal_ttl_past_redis_range_is_refused_before_anything_is_queued(shellq: Cli, session: str) -> None:
+    env = {"SHELLQ_JOURNAL_TTL": "99999999999999999999", "SHELLQ_REDIS_URL": shellq.url()}
+    for done in (
+        shellq("exec", session, "--", "echo x", env=env),
+        full(shellq, "exec", session, "--", "echo x", env=env),
+    ):
+        assert done.returncode == 125 and b"journal_ttl" in done.stderr and b"Traceback" not in done.stderr
+    assert redis.Redis.from_url(shellq.url()).xlen(protocol.keys(session).cmd) == 0

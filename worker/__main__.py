@@ -8,7 +8,7 @@ import signal
 import sys
 from types import FrameType
 
-from worker import procs
+from worker import procs, resp
 from worker.errors import RedisUnavailableError, ShellqError
 from worker.loop import EXIT_CONFIG, EXIT_REDIS, Worker
 from worker.settings import WorkerSettings
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-commands", type=int, help="exit after this many commands")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    resp.claim_std_fds()  # before any pipe or socket: a closed stderr must not become one that logs are written to
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("shellq.worker")
     procs.set_not_dumpable()  # the password file's contents and the environment stay out of the commands' reach

@@ -456,7 +456,8 @@ def _exec_as(
             os.write(text, cmd)
             args, fds = ["bash", "--norc", "--noprofile", f"/dev/fd/{text}"], (text,)
         if not os.path.isdir(cwd):
-            (out if req.merge_stderr else err).feed(f"bash: cd: {req.cwd}: No such file or directory\n".encode())
+            missing = f"bash: cd: {req.cwd}: No such file or directory\n"
+            (out if req.merge_stderr else err).feed(missing.encode(errors="surrogateescape"))
             done = ChildOutcome("completed", 1)
         else:
             done = run_child(

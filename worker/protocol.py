@@ -35,6 +35,9 @@ MAX_TIMEOUT = 86400.0
 """The largest timeout a command may ask for (SHELLQ_MAX_TIMEOUT); above it the command is rejected."""
 GROUP = "shellq"
 """The consumer group on every session's command stream."""
+JOURNAL_TTL_MAX = 10 * 365 * 86400
+"""The longest a journal may be kept, in seconds (ten years): Redis refuses an EXPIRE past its clock's range, and
+shellq_submit would fail after queueing the command."""
 
 Status = Literal["completed", "timeout", "cancelled", "interrupted", "shell_exited", "rejected", "lost", "unavailable"]
 

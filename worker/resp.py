@@ -12,6 +12,7 @@ RedisReplyError. After either kind of connection failure the socket is dropped a
 from __future__ import annotations
 
 import _socket
+import os
 import struct
 from _thread import _local, allocate_lock
 
@@ -30,6 +31,20 @@ if TYPE_CHECKING:
 
 # This module is on `shellq exec`'s start-up path (producer/cli_fast.py), where every import counts: `_socket` rather
 # than `socket` (7 ms here: enum, selectors), plain URLs read without urllib.parse (9 ms), no contextlib (3 ms).
+
+
+def claim_std_fds() -> None:
+    """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed, so that no socket takes that number: what this
+    process (or a command's output it prints) writes to stdout or stderr must never go to Redis as commands. Called
+    before a connection is made (by Redis() here, and by the CLI's entry points, whose redis-py client has none)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lowest free number: `fd` itself, unless a lower one was closed too (then taken)
+                os.dup2(null, fd)
+                os.close(null)
 
 
 class Url:
@@ -101,6 +116,7 @@ class Redis:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
     ) -> None:
+        claim_std_fds()
         parts = split_url(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"unsupported Redis URL scheme {parts.scheme!r} (redis://, rediss:// or unix://)")

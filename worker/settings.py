@@ -54,7 +54,7 @@ class WorkerSettings(EnvSettings):
     `work_dir`. Default: the worker's own user."""
     results_maxlen: int = Field(default=10_000, ge=1)
     """About how many results the result stream keeps (XADD MAXLEN ~)."""
-    journal_ttl: int = Field(default=7 * 86400, ge=1)
+    journal_ttl: int = Field(default=7 * 86400, ge=1, le=protocol.JOURNAL_TTL_MAX)
     """Seconds a command's journal entry (its idempotency record) is kept."""
     block_ms: int = Field(default=1000, ge=1)
     """Longest single wait for a new command; bounds how late a stop request is noticed."""

@@ -245,7 +245,7 @@ class Shell:
         """Catch what would make bash misbehave before it starts: an unterminated heredoc, a missing cwd."""
         message = None
         if cwd is not None and not os.path.isdir(os.path.join(self._last_cwd, cwd)):
-            message, code = f"bash: cd: {cwd}: No such file or directory\n".encode(), 1
+            message, code = f"bash: cd: {cwd}: No such file or directory\n".encode(errors="surrogateescape"), 1
         elif b"<<" in body:
             message, code = self._heredoc_problem(body), 2
         if not message:
