@@ -470,3 +470,24 @@ def test_a_stop_ends_the_workers_blocking_reads_at_once_under_its_own_acl_user(
         thread.join(timeout=30)  # without a wake-up it would wait out a 120 s read
         assert codes == [0]
         redis_server.client().delete(protocol.keys(session_id).lease)  # the successor need not wait out the lease
+
+
+def test_an_interrupt_stops_the_whole_line_of_a_worker_started_with_sigint_ignored(
+    redis_server: RedisServer, worker_process: Callable[..., subprocess.Popen[bytes]], session_id: str
+) -> None:
+    """A worker started in the background of a script inherits SIGINT ignored, and its bash did too: bash cannot
+    trap a signal ignored on entry, so an interrupt ended only `sleep` (escalating to SIGTERM), and `echo done`
+    ran."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        worker_process(session_id)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with Client(redis_server.url) as client:
+        s = client.session(session_id)
+        assert s.run("true", timeout=30).ok
+        cid = s.submit("sleep 30; echo done")
+        wait_for(lambda: redis_server.client().hget(protocol.keys(session_id).meta, "current") == cid.encode())
+        s.interrupt(cid)
+        r = s.result(cid, timeout=30)
+    assert (r.status, r.stdout) == ("cancelled", "")

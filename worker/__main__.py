@@ -10,7 +10,7 @@ from types import FrameType
 
 from worker import procs, resp
 from worker.errors import RedisUnavailableError, ShellqError
-from worker.loop import EXIT_CONFIG, EXIT_REDIS, Worker
+from worker.loop import EXIT_CONFIG, EXIT_OK, EXIT_REDIS, Worker
 from worker.settings import WorkerSettings
 
 
@@ -25,21 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("shellq.worker")
     procs.set_not_dumpable()  # the password file's contents and the environment stay out of the commands' reach
+    worker: Worker | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if worker is None:  # asked to stop before it started
+            raise SystemExit(EXIT_OK)
+        grace = worker.settings.shutdown_grace
+        log.info("%s: stopping after the running command (grace %ss)", signal.Signals(signum).name, grace)
+        worker.stop()
+
+    # Before the shell starts: a handler (not SIG_IGN, which a parent that ran this in the background of a script
+    # leaves) is what bash finds as SIG_DFL, so its interrupt trap works and stops a command's whole line.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         settings = WorkerSettings.from_env(redis_url=args.redis_url, session=args.session)
         worker = Worker(settings)
     except ShellqError as e:
         log.error("%s", e)
         return EXIT_CONFIG
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "%s: stopping after the running command (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace
-        )
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         return worker.serve(max_commands=args.max_commands)
     except RedisUnavailableError as e:
