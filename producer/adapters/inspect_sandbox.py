@@ -50,6 +50,7 @@ from inspect_ai.util._sandbox.events import SandboxTimeoutError
 from inspect_ai.util._sandbox.lifecycle import sandbox_lifecycle_state
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from containers import embedded
 from containers.local import LocalBackend
 from producer.admin import delete_session, session_names
 from producer.aio import AsyncClient, AsyncSession
@@ -138,7 +139,7 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
     async def task_init(cls, task_name: str, config: SandboxEnvironmentConfigType | None) -> None:
         """Fail early: the configuration reads, Redis answers, and so does the Docker engine (docker)."""
         cfg = _config(config)
-        url = _redis_url(cfg)
+        url = embedded.client_url(cfg.redis_url, "give redis_url")
         await asyncio.to_thread(_backend, cfg.backend, url)
         async with AsyncClient(url) as client:
             await client.send(("PING",))
@@ -148,7 +149,7 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
         cls, task_name: str, config: SandboxEnvironmentConfigType | None, metadata: dict[str, str]
     ) -> dict[str, SandboxEnvironment]:
         cfg = _config(config)
-        url = _redis_url(cfg)
+        url = embedded.client_url(cfg.redis_url, "give redis_url")
         backend = await asyncio.to_thread(_backend, cfg.backend, url)
         env = cls(AsyncClient(url).session(f"{PREFIX}{uuid.uuid4().hex[:16]}"), backend, cfg, url)
         _live().sessions[env.session.id] = env
@@ -195,7 +196,7 @@ class ShellqSandboxEnvironment(SandboxEnvironment):
         `shellq up`), and delete their keys."""
         if id is not None and not id.startswith(PREFIX):
             raise ConfigError(f"{id} is not a session of Inspect's (they are named {PREFIX}…)")
-        removed = await asyncio.to_thread(_cli_cleanup, id, _redis_url(None))
+        removed = await asyncio.to_thread(_cli_cleanup, id, embedded.client_url(None, "give redis_url"))
         print("\n".join(f"shellq session {name} removed" for name in removed) or "no shellq session to remove")
 
     # -- the sandbox ---------------------------------------------------------------------------------------------
@@ -380,18 +381,6 @@ def _config(config: SandboxEnvironmentConfigType | None) -> ShellqSandboxConfig:
     raise ConfigError(f"the shellq sandbox takes a ShellqSandboxConfig or a YAML file, not {type(config).__name__}")
 
 
-def _redis_url(config: ShellqSandboxConfig | None) -> str:
-    if config is not None and config.redis_url:
-        return config.redis_url
-    if url := os.environ.get("SHELLQ_REDIS_URL"):
-        return url
-    from containers import embedded
-
-    if (info := embedded.recorded()) is not None:
-        return info.url
-    raise ConfigError("no Redis for the shellq sandbox: set SHELLQ_REDIS_URL, run `shellq up`, or give redis_url")
-
-
 def _subshell(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
     """Shell text running `cmd` in `cwd` with `env` in a subshell: the session's shell keeps its state, and `cmd[0]`
     is found on the PATH `env` gives."""
@@ -411,7 +400,6 @@ _backends_lock = threading.Lock()
 
 def _backend(kind: str, url: str) -> Backend:
     """This process's backend for `kind` and Redis `url` (blocking: the Docker one asks the engine)."""
-    from containers import embedded
 
     home = embedded.state_dir()  # the CLI's places, so `shellq session stop` and `shellq attach` work alike
     key = (kind, url, str(home) if kind == "local" else "")

@@ -42,6 +42,7 @@ from minisweagent.exceptions import Submitted
 from minisweagent.utils.serialize import recursive_merge
 from pydantic import BaseModel, ConfigDict
 
+from containers import embedded
 from producer.admin import delete_session
 from producer.client import Client, ClientSettings
 from producer.result import Result
@@ -95,7 +96,7 @@ class ShellqEnvironment:
         does not come up, ConfigError if its shell cannot enter `cwd`."""
         self.config = config_class(**kwargs)
         self.config.session = self.config.session or f"mswea-{uuid.uuid4().hex[:8]}"
-        url = _redis_url(self.config.redis_url)
+        url = embedded.client_url(self.config.redis_url, "set redis_url")
         self.client = Client(settings=ClientSettings.from_env(redis_url=url))
         self.session = self.client.session(self.config.session)
         self._start_dir = self.config.cwd or (os.getcwd() if self.config.backend == "local" else "/")
@@ -204,23 +205,12 @@ def _failure(text: str, error: Exception) -> dict[str, Any]:
     }
 
 
-def _redis_url(configured: str) -> str:
-    if url := configured or os.environ.get("SHELLQ_REDIS_URL"):
-        return url
-    from containers import embedded
-
-    if (info := embedded.recorded()) is None:
-        raise ConfigError("no Redis for shellq: set redis_url or SHELLQ_REDIS_URL, or run `shellq up`")
-    return info.url
-
-
 def _backend(kind: str, url: str) -> LocalBackend | DockerBackend:
     """The backend, made as the `shellq` command makes it (the local one keeps logs in shellq's state directory)."""
     if kind == "docker":
         from containers.docker_backend import DockerBackend
 
         return DockerBackend(url)
-    from containers import embedded
     from containers.local import LocalBackend
 
     home = embedded.state_dir()
