@@ -130,7 +130,7 @@ finally:
 
 
 def wait_gone(engine: docker.DockerClient, filters: dict[str, str]) -> None:
-    while engine.containers.list(all=True, filters=filters):
+    while engine.containers.list(all=True, filters=filters, ignore_removed=True):
         time.sleep(0.005)
 
 
@@ -187,7 +187,7 @@ def measure(args: argparse.Namespace) -> None:
             raw["docker SDK exec_run"] = timed(lambda: container.exec_run(["true"]), args.execs, warmup=3)
             backend.stop(name, timeout=1)
     finally:
-        for c in engine.containers.list(all=True, filters={"label": BARE}):
+        for c in engine.containers.list(all=True, filters={"label": BARE}, ignore_removed=True):
             c.remove(force=True)
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +267,7 @@ def run_side(tree: Path, image: str, args: argparse.Namespace, prefix: str) -> d
 
 def remove_leftovers(engine: docker.DockerClient, prefix: str) -> None:
     """Containers of this run's sessions that a failed side left behind (only those)."""
-    for c in engine.containers.list(all=True, filters={"label": SESSION_LABEL}):
+    for c in engine.containers.list(all=True, filters={"label": SESSION_LABEL}, ignore_removed=True):
         if c.labels.get(SESSION_LABEL, "").startswith(prefix):
             c.remove(force=True, v=True)  # and its anonymous volumes
 

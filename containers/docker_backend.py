@@ -353,7 +353,7 @@ class DockerBackend:
     def _containers(self, session: str | None = None) -> list[Any]:
         """This server's session containers (of one session, when given), running or not."""
         labels = [f"{INSTANCE_LABEL}={self.instance}", f"{LABEL}={session}" if session else LABEL]
-        found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels})
+        found: list[Any] = self.docker.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
         return found
 
     def _snapshots(self, session: str | None = None) -> list[Any]:

@@ -165,7 +165,7 @@ def engine() -> Iterator[Any]:
         need(False, "no Docker engine")
     assert client is not None
     yield client
-    found = client.containers.list(all=True, filters={"label": LABEL})
+    found = client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
     leftovers = [c for c in found if c.labels.get(INSTANCE_LABEL, "").startswith(RUN_ID)]
     for c in leftovers:
         c.remove(force=True)

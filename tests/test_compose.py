@@ -63,7 +63,9 @@ def stack(engine: Any, image: str, stack_image: str) -> Iterator[dict[str, str]]
         logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, check=False)
         _remove_sessions(engine, env)  # a failed test's: they hold the socket volume
         down = subprocess.run([*compose, "down", "-v"], env=env, capture_output=True, check=False, timeout=300)
-        left = engine.containers.list(all=True, filters={"label": f"com.docker.compose.project={name}"})
+        left = engine.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={name}"}, ignore_removed=True
+        )
         volumes = [v.name for v in engine.volumes.list() if name in v.name]
         assert down.returncode == 0, down.stderr.decode()
         assert not left and not volumes, (left, volumes, logs.stdout.decode()[-3000:])
@@ -80,7 +82,9 @@ def _remove_sessions(engine: Any, stack: dict[str, str]) -> None:
     except redis.RedisError:
         return
     if found:
-        for c in engine.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={found.decode()}"}):
+        for c in engine.containers.list(
+            all=True, filters={"label": f"{INSTANCE_LABEL}={found.decode()}"}, ignore_removed=True
+        ):
             c.remove(force=True, v=True)
 
 
@@ -102,7 +106,7 @@ def test_stack_serves_a_producer_on_the_host(stack: dict[str, str], engine: Any,
     s = client.create_session(name, host=host, image=image)
     assert s.run("export A=41; id -un").stdout == "shellq\n"
     assert s.run("echo $((A + 1))").stdout == "42\n"
-    (container,) = engine.containers.list(all=True, filters={"label": f"{LABEL}={name}"})
+    (container,) = engine.containers.list(all=True, filters={"label": f"{LABEL}={name}"}, ignore_removed=True)
     queued = [s.submit("sleep 60"), s.submit("echo never")]
     time.sleep(0.5)
     container.kill()
@@ -124,4 +128,4 @@ def test_stack_serves_a_producer_on_the_host(stack: dict[str, str], engine: Any,
         timeout=120,
     )
     assert stop.returncode == 0, stop.stderr.decode()
-    assert not engine.containers.list(all=True, filters={"label": f"{LABEL}={name}"})
+    assert not engine.containers.list(all=True, filters={"label": f"{LABEL}={name}"}, ignore_removed=True)

@@ -59,7 +59,7 @@ def test_start_exec_stop_in_a_container(backend: DockerBackend, redis_url: str, 
     assert (timed.status, timed.stdout) == ("timeout", "before\n")
     assert s.run("echo $INSIDE").stdout == "yes\n"
     assert backend.stop(session_id) is True
-    assert not backend.docker.containers.list(all=True, filters={"id": container_id})
+    assert not backend.docker.containers.list(all=True, filters={"id": container_id}, ignore_removed=True)
     assert backend.stop(session_id) is False  # idempotent
 
 
@@ -151,7 +151,7 @@ def test_gc_removes_containers_whose_session_is_gone(backend: DockerBackend, red
     backend.docker.containers.get(container_id).pause()  # its worker beats no more (a beat would write meta again)
     backend.redis.delete(protocol.keys(session_id).meta)  # the session is gone
     assert session_id in backend.gc()
-    assert not backend.docker.containers.list(all=True, filters={"id": container_id})
+    assert not backend.docker.containers.list(all=True, filters={"id": container_id}, ignore_removed=True)
 
 
 def test_cli_session_with_docker_backend(image: str, redis_url: str, session_id: str) -> None:
@@ -252,7 +252,7 @@ def test_cli_docker_session_without_its_image_names_the_build_to_run(
         " (add --base IMAGE for another base than python:3.12-slim)"
     ]
     assert not _has(engine, tag)  # nothing was pulled
-    assert not engine.containers.list(all=True, filters={"label": f"{LABEL}={session_id}"})
+    assert not engine.containers.list(all=True, filters={"label": f"{LABEL}={session_id}"}, ignore_removed=True)
 
 
 def test_cli_docker_stop_keep_resumes_and_stop_frees_the_name(image: str, redis_url: str, session_id: str) -> None:

@@ -97,7 +97,7 @@ def client(server: RedisServer) -> Client:
 
 
 def containers_of(engine: Any, session: str) -> list[Any]:
-    return list(engine.containers.list(all=True, filters={"label": f"{LABEL}={session}"}))
+    return list(engine.containers.list(all=True, filters={"label": f"{LABEL}={session}"}, ignore_removed=True))
 
 
 def test_create_session_through_the_manager_and_supervision(
