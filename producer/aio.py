@@ -145,7 +145,7 @@ class AsyncClient:
 
 
 def _load_functions(url: str) -> None:
-    with core.redis_errors(url), redis.Redis.from_url(url, socket_timeout=10) as r:
+    with core.redis_errors(url), redis.Redis.from_url(url, socket_timeout=10, **core.connection_options(url)) as r:
         protocol.load_functions(r.execute_command, redis.ResponseError)
 
 

@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import hiredis
 import redis
 from pydantic import Field
 from redis.backoff import ExponentialBackoff
@@ -75,6 +76,7 @@ class Client:
             socket_connect_timeout=2,
             retry=retry,
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **core.connection_options(self.settings.redis_url),
         )
         self._functions_loaded = False
         self._idle: list[Any] = []  # the hot path's connections not in use (list.pop and append are atomic)
@@ -523,11 +525,13 @@ def _disconnect(client: redis.Redis, idle: list[Any]) -> None:
 
 def _roundtrip(conn: Any, *commands: tuple[Any, ...], errors_in_place: bool = False) -> list[Any]:
     """Send `commands` in one write on `conn` (a redis-py connection) and read their replies, as a pipeline would
-    but without redis-py's client layer (80 µs a call on the hot path). Replies are raw (RESP3 once the connection
-    said HELLO 3); the first error reply is raised once every reply has been read. A connection or timeout error
-    (or anything else that stops the read half way) closes `conn` (the next use reconnects)."""
+    but without redis-py's client layer (80 µs a call on the hot path); packed by hiredis, which takes str (as
+    UTF-8), bytes, int and float, as redis-py's own packer does, at a fifth of its cost. Replies are raw (RESP3
+    once the connection said HELLO 3); the first error reply is raised once every reply has been read. A
+    connection or timeout error (or anything else that stops the read half way) closes `conn` (the next use
+    reconnects)."""
     try:
-        conn.send_packed_command(conn.pack_commands(commands))
+        conn.send_packed_command([b"".join(hiredis.pack_command(tuple(c)) for c in commands)])
         replies, error = [], None
         for _ in commands:
             try:

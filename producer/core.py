@@ -5,6 +5,7 @@ what the replies mean, and the errors they raise. `Client` (producer/client.py) 
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,42 @@ def redis_errors(url: str) -> Iterator[None]:
         raise AccessDeniedError(f"Redis at {redact(url)} refused this user: {e}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}: {e}") from e
+
+
+class TLSConnection(redis.SSLConnection):
+    """redis-py's TLS connection with its handshake bounded by the connect timeout, not the read timeout, and a plain
+    Redis behind a rediss:// URL named as such (ConfigError, not retried): such a server takes the TLS ClientHello
+    for the start of a command and never answers, so each retry would wait out the read timeout (30 s)."""
+
+    def _connect(self) -> Any:
+        read_timeout, self.socket_timeout = self.socket_timeout, self.socket_connect_timeout
+        try:
+            sock = super()._connect()
+        except TimeoutError:
+            if _answers_plain_resp(self.host, self.port, self.socket_connect_timeout):
+                raise ConfigError(
+                    f"Redis at {self.host}:{self.port} does not speak TLS: use a redis:// URL for it, not rediss://"
+                ) from None
+            raise
+        finally:
+            self.socket_timeout = read_timeout
+        sock.settimeout(read_timeout)
+        return sock
+
+
+def _answers_plain_resp(host: str, port: int, timeout: float | None) -> bool:
+    """Does HOST:PORT answer a plain-text PING as Redis does (`+PONG`, or an error such as `-NOAUTH`)?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as probe:
+            probe.sendall(b"PING\r\n")
+            return probe.recv(1) in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def connection_options(url: str) -> dict[str, Any]:
+    """Extra redis-py options for `url`: shellq's TLS connection for rediss:// (see TLSConnection)."""
+    return {"connection_class": TLSConnection} if url.lower().startswith("rediss://") else {}
 
 
 def redact(url: str) -> str:

@@ -55,13 +55,18 @@ class Result(BaseModel):
 
     @classmethod
     def from_wire(cls, r: CommandResult) -> Result:
-        data = r.model_dump(exclude={"v"})
+        """The view of a result entry, built without validating again: `r` was validated when it was decoded."""
+        data = {name: getattr(r, name) for name in _FROM_WIRE}
         data.update(stdout_bytes=r.stdout, stderr_bytes=r.stderr)
         data.update(stdout=r.stdout.decode(errors="replace"), stderr=r.stderr.decode(errors="replace"))
         for name in ("cwd", "error", "spool_path"):  # the wire keeps a path's exact bytes; the view replaces
             if data[name] is not None:
                 data[name] = data[name].encode(errors="surrogateescape").decode(errors="replace")
-        return cls(**data)
+        return cls.model_construct(**data)
+
+
+_FROM_WIRE = tuple(name for name in Result.model_fields if name in CommandResult.model_fields)
+"""The fields a Result takes as they are from its CommandResult."""
 
 
 @dataclass(frozen=True, slots=True)

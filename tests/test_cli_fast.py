@@ -357,6 +357,19 @@ def test_an_unreachable_redis_reads_as_on_the_full_path(shellq: Cli) -> None:
     assert done.stderr == full(shellq, "exec", "s1", "--", "true", env=env).stderr
 
 
+def test_a_rediss_url_naming_a_plain_redis_says_so(shellq: Cli) -> None:
+    """A plain Redis takes a TLS handshake for the start of a command and never answers it: the CLI (the full path,
+    which takes rediss:// URLs) says the server does not speak TLS, instead of waiting out the read timeout on every
+    retry (7.5 minutes)."""
+    plain = shellq.url()
+    host_port = plain.rsplit("@", 1)[-1].split("/", 1)[0]
+    done = shellq("exec", "s1", "--", "true", env={"SHELLQ_REDIS_URL": plain.replace("redis://", "rediss://", 1)})
+    assert done.returncode == 125
+    assert done.stderr.splitlines()[-1] == (
+        f"shellq: Redis at {host_port} does not speak TLS: use a redis:// URL for it, not rediss://".encode()
+    )
+
+
 def test_what_the_fast_path_does_not_take_goes_to_the_full_path(shellq: Cli, session: str) -> None:
     done, imported = fast(shellq, "exec", session, "--follow", "--", "echo followed")
     assert (done.returncode, done.stdout) == (0, b"followed\n")

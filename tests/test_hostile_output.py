@@ -123,6 +123,16 @@ def test_run_directory_removed_during_a_command(shell: Shell, tmp_path: Path) ->
     assert (nxt.status, nxt.stdout, nxt.shell_epoch) == ("completed", f"1\n{tmp_path}\n".encode(), r.shell_epoch)
 
 
+def test_output_fifos_replaced_by_plain_files(shell: Shell) -> None:
+    """A command that swaps the output FIFOs for plain files (the same user, in a local session) loses nothing: the
+    worker sees they are not FIFOs and makes them again before the next command."""
+    rundir = shell._bash.rundir
+    swap = f"for f in {rundir}/o* {rundir}/e*; do rm -f $f; echo planted > $f; done; echo swapped"
+    assert shell.run(swap, timeout=20).status == "completed"
+    nxt = shell.run("echo mine; echo err >&2", timeout=20)
+    assert (nxt.status, nxt.stdout, nxt.stderr) == ("completed", b"mine\n", b"err\n")
+
+
 # -- orphans reaped while a command runs --------------------------------------------------------------------------
 
 

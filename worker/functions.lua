@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 5
+local VERSION = 6
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -143,16 +143,17 @@ local function commit(keys, args)
   local new = 0
   if not rid then
     rid = redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(args, 7))
-    if redis.call('HEXISTS', keys[2], 'entry') == 1 then redis.call('HINCRBY', keys[5], 'settled', 1) end
+    -- an entry already named (by the submit or the take) counted against the queue cap: it is settled now
+    if redis.call('HSETNX', keys[2], 'entry', args[3]) == 0 then redis.call('HINCRBY', keys[5], 'settled', 1) end
     redis.call('HSET', keys[2], 'res', rid)
-    redis.call('HSETNX', keys[2], 'entry', args[3])
     redis.call('EXPIRE', keys[2], args[4])
     new = 1
   end
   redis.pcall('XACK', keys[3], args[2], args[3])  -- the group may be gone (Redis came back empty)
-  redis.call('HSET', keys[5], 'last_done', args[6])
   if redis.call('HGET', keys[5], 'state') == 'running' then
-    redis.call('HSET', keys[5], 'state', 'idle', 'current', '')
+    redis.call('HSET', keys[5], 'last_done', args[6], 'state', 'idle', 'current', '')
+  else
+    redis.call('HSET', keys[5], 'last_done', args[6])
   end
   return {new, rid}
 end

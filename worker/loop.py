@@ -417,7 +417,7 @@ class Worker:
         fields["duration_ms"] = round(r.duration_ms, 3)
         if r.status == "cancelled" and self._terminated:
             fields.update(status="interrupted", exit_code=None, error="the worker was stopped while the command ran")
-        return CommandResult(id=cid, entry_id=entry_id, **fields)
+        return CommandResult.model_construct(id=cid, entry_id=entry_id, **fields)  # the shell's own values: typed
 
     # -- faults ----------------------------------------------------------------------------------------------------
 

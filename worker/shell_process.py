@@ -163,6 +163,7 @@ class ShellProcess:
         self.generation = 0
         self.stdin_link = self.rundir / "i"
         """What a command's stdin is: a symlink to /dev/null, or to the file `set_stdin` named."""
+        self._stdin_link_path = str(self.stdin_link)
         self._stdin_from: str | None = None
         self.cmd_fd = self.report_fd = -1
         self.out_path, self.err_path = self.rundir / "o0", self.rundir / "e0"
@@ -262,7 +263,7 @@ class ShellProcess:
     def set_stdin(self, path: Path | None) -> None:
         """Point the next command's stdin at `path` (a file the shell user may read), or /dev/null."""
         target = str(path or os.devnull)
-        if target == self._stdin_from and self.stdin_link.is_symlink():
+        if target == self._stdin_from and os.path.islink(self._stdin_link_path):
             return
         new = self.rundir / "i.new"
         new.unlink(missing_ok=True)
@@ -276,9 +277,16 @@ class ShellProcess:
         return fd
 
     def open_fifo(self, path: Path) -> int:
-        """Open an output FIFO for reading, without waiting for bash to open it."""
-        if not path.is_fifo():
-            self.restore_files()
+        """Open an output FIFO for reading, without waiting for bash to open it; made again first when it is gone or
+        is no longer a FIFO."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return fd
+        _close(fd)
+        self.restore_files()
         return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def replace_fifos(self) -> None:
@@ -289,13 +297,16 @@ class ShellProcess:
 
     def write_command(self, body: bytes) -> None:
         """Put the command's text in the file bash sources, with an access time of zero (`ran()`)."""
-        if os.fstat(self.cmd_fd).st_nlink == 0:
+        info = os.fstat(self.cmd_fd)
+        if info.st_nlink == 0:
             self.restore_files()
+            info = os.fstat(self.cmd_fd)
         view, at = memoryview(body), 0
         try:
             while at < len(body):
                 at += os.pwrite(self.cmd_fd, view[at:], at)
-            os.ftruncate(self.cmd_fd, len(body))
+            if info.st_size > len(body):
+                os.ftruncate(self.cmd_fd, len(body))
             os.utime(self.cmd_fd, ns=(0, time.time_ns()))
         except OSError as e:  # a full /dev/shm, say: name the file
             raise OSError(e.errno, e.strerror, str(self.cmd_file)) from None
