@@ -331,13 +331,15 @@ def json_text(shown: Shown) -> str:
 
 
 def exit_status(cid: str, status: str, exit_code: int | None, error: str | None) -> int:
-    """`shellq exec`'s exit status for a result: the command's own; 124 timeout, 130 cancelled; otherwise 125, with
-    what happened on stderr."""
+    """`shellq exec`'s exit status for a result: the command's own; 124 timeout, 130 cancelled (saying why on
+    stderr when the result does: cancelled before it started); otherwise 125, with what happened on stderr."""
     if status in ("completed", "shell_exited") and exit_code is not None:
         return exit_code
     if status == "timeout":
         return EXIT_TIMEOUT
     if status == "cancelled":
+        if error:
+            print(f"shellq: command {cid} cancelled: {error}", file=sys.stderr)
         return EXIT_CANCELLED
     print(f"shellq: command {cid} {status}: {error or 'no exit status'}", file=sys.stderr)
     return EXIT_SHELLQ

@@ -380,6 +380,16 @@ def test_what_the_fast_path_does_not_take_goes_to_the_full_path(shellq: Cli, ses
     assert not took_the_fast_path(imported)
 
 
+def test_exec_id_of_a_command_cancelled_before_it_started_says_why(shellq: Cli, session_id: str) -> None:
+    """The same id again after a wait that gave up (no worker: the command was cancelled unrun) exits 130 and says
+    why on stderr, instead of an exit status alone."""
+    env = {"SHELLQ_NO_WORKER_AFTER": "1"}
+    assert shellq("exec", session_id, "--id", "gave-up", "--", "true", env=env).returncode == 125
+    again = shellq("exec", session_id, "--id", "gave-up", "--", "true", env=env)
+    assert again.returncode == 130
+    assert again.stderr.splitlines()[-1].startswith(b"shellq: command gave-up cancelled: cancelled before it started:")
+
+
 def test_no_worker_gives_up_and_cancels_on_the_fast_path(shellq: Cli, session_id: str) -> None:
     done = shellq("exec", session_id, "--", "true", env={"SHELLQ_NO_WORKER_AFTER": "1"})
     assert done.returncode == 125
