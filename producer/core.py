@@ -63,7 +63,7 @@ class TLSConnection(redis.SSLConnection):
     def _connect(self) -> Any:
         read_timeout, self.socket_timeout = self.socket_timeout, self.socket_connect_timeout
         try:
-            sock = super()._connect()
+            sock = super()._connect()  # type: ignore[no-untyped-call]
         except TimeoutError:
             if _answers_plain_resp(self.host, self.port, self.socket_connect_timeout):
                 raise ConfigError(

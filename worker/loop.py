@@ -48,7 +48,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_STATE_LOST, EXIT_REDIS, EXIT_FENCED = 0, 2, 3, 4, 5
 POISON_AFTER = 2
 """An idempotent command is started at most this many times; one that killed the worker each time is poison."""
 _SHELL_FIELDS = tuple(f.name for f in dataclasses.fields(ShellResult))
-_NOT_FROM_SHELL = {"v": protocol.WIRE_VERSION, "errno": None, "filename": None, "streamed": False}
+_NOT_FROM_SHELL: dict[str, Any] = {"v": protocol.WIRE_VERSION, "errno": None, "filename": None, "streamed": False}
 """The result fields a command run in the shell leaves at their defaults."""
 HOST = f"{socket.gethostname()}/{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}"
 
