@@ -26,6 +26,7 @@ from producer.client import ClientSettings
 from producer.result import Chunk, FileInfo, Result
 from worker import protocol
 from worker.errors import (
+    ConfigError,
     InvalidResultError,
     NoWorkerError,
     RedisUnavailableError,
@@ -43,6 +44,27 @@ that awaits 200 sessions at once needs 200 (redis.asyncio's default pool stops a
 is 10,000 by default."""
 
 
+class _TLSConnection(redis.asyncio.SSLConnection):
+    """redis.asyncio's TLS connection naming a plain Redis behind a rediss:// URL (core.TLSConnection's twin; the
+    handshake is bounded by the connect timeout here already, but every retry would wait it out)."""
+
+    async def _connect(self) -> None:
+        try:
+            await super()._connect()  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            if await asyncio.to_thread(core.answers_plain_resp, self.host, self.port, self.socket_connect_timeout):
+                raise core.not_tls(self.host, self.port) from None
+            raise
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect_check_health(*args, **kwargs)
+        except redis.ConnectionError as e:  # redis.asyncio wraps whatever _connect raised, and retries that
+            if isinstance(e.__cause__, ConfigError):
+                raise e.__cause__ from None
+            raise
+
+
 class AsyncClient:
     """A connection pool to the Redis that holds the sessions, for one event loop."""
 
@@ -57,6 +79,8 @@ class AsyncClient:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             max_connections=MAX_CONNECTIONS,
         )
+        if core.connection_options(self.settings.redis_url):  # rediss://; redis.asyncio's from_url takes no class
+            self.redis.connection_pool.connection_class = _TLSConnection
         self._functions_loaded = False
 
     @classmethod

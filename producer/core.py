@@ -65,10 +65,8 @@ class TLSConnection(redis.SSLConnection):
         try:
             sock = super()._connect()  # type: ignore[no-untyped-call]
         except TimeoutError:
-            if _answers_plain_resp(self.host, self.port, self.socket_connect_timeout):
-                raise ConfigError(
-                    f"Redis at {self.host}:{self.port} does not speak TLS: use a redis:// URL for it, not rediss://"
-                ) from None
+            if answers_plain_resp(self.host, self.port, self.socket_connect_timeout):
+                raise not_tls(self.host, self.port) from None
             raise
         finally:
             self.socket_timeout = read_timeout
@@ -76,7 +74,11 @@ class TLSConnection(redis.SSLConnection):
         return sock
 
 
-def _answers_plain_resp(host: str, port: int, timeout: float | None) -> bool:
+def not_tls(host: str, port: int) -> ConfigError:
+    return ConfigError(f"Redis at {host}:{port} does not speak TLS: use a redis:// URL for it, not rediss://")
+
+
+def answers_plain_resp(host: str, port: int, timeout: float | None) -> bool:
     """Does HOST:PORT answer a plain-text PING as Redis does (`+PONG`, or an error such as `-NOAUTH`)?"""
     try:
         with socket.create_connection((host, port), timeout=timeout) as probe:
@@ -87,7 +89,7 @@ def _answers_plain_resp(host: str, port: int, timeout: float | None) -> bool:
 
 
 def connection_options(url: str) -> dict[str, Any]:
-    """Extra redis-py options for `url`: shellq's TLS connection for rediss:// (see TLSConnection)."""
+    """Extra redis-py options for `url`: shellq's TLS connection class for rediss:// (see TLSConnection)."""
     return {"connection_class": TLSConnection} if url.lower().startswith("rediss://") else {}
 
 

@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 from helpers import ROOT, RedisServer, wait_for
 
-from producer import AsyncClient, Client, ClientSettings, NoWorkerError, Result, ResultTimeoutError, ShellqError
+from producer import (
+    AsyncClient,
+    Client,
+    ClientSettings,
+    ConfigError,
+    NoWorkerError,
+    Result,
+    ResultTimeoutError,
+    ShellqError,
+)
 from worker.loop import Worker
 
 
@@ -91,6 +100,18 @@ def test_no_worker_is_an_error_and_cancels(twin: Twin, session_id: str) -> None:
     with pytest.raises(NoWorkerError) as e:
         twin.call(session_id, "run", "echo never")
     assert e.value.cancelled and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_rediss_url_naming_a_plain_redis_is_a_config_error(kind: str, redis_server: RedisServer) -> None:
+    """A plain Redis never answers a TLS handshake: both twins say the server does not speak TLS (ConfigError, not
+    retried) instead of waiting out the read timeout on every retry."""
+    t = Twin(kind, redis_server.url.replace("redis://", "rediss://", 1), no_worker_after=1.5)
+    try:
+        with pytest.raises(ConfigError, match="does not speak TLS: use a redis:// URL for it, not rediss://"):
+            t.call("s1", "run", "true")
+    finally:
+        t.close()
 
 
 def test_result_wait_ends_in_time(twin: Twin, start_worker: Callable[..., Worker], session_id: str) -> None:
