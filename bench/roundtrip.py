@@ -14,7 +14,8 @@ Measures, on this machine:
   shellq       Session.run("true") through Redis with a local worker subprocess (full protocol)
   live off     the same with a second worker that publishes no live output (SHELLQ_LIVE_OUTPUT=false); the two
                are timed in turns, one command each, so drift on the machine weighs on both alike
-and the worker's RSS while idle. Redis is a private redis-server (or valkey-server) with AOF on.
+and the worker's RSS while idle. Redis is a private redis-server (or valkey-server) with AOF on; BENCH_REDIS names
+another server binary (every script that starts its Redis through `start_redis` takes it).
 """
 
 from __future__ import annotations

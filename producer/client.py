@@ -526,7 +526,7 @@ def _disconnect(client: redis.Redis, idle: list[Any]) -> None:
 def _roundtrip(conn: Any, *commands: tuple[Any, ...], errors_in_place: bool = False) -> list[Any]:
     """Send `commands` in one write on `conn` (a redis-py connection) and read their replies, as a pipeline would
     but without redis-py's client layer (80 µs a call on the hot path); packed by hiredis, which takes str (as
-    UTF-8), bytes, int and float, as redis-py's own packer does, at a fifth of its cost. Replies are raw (RESP3
+    UTF-8), bytes, int and float, as redis-py's own packer does, at a third of its cost. Replies are raw (RESP3
     once the connection said HELLO 3); the first error reply is raised once every reply has been read. A
     connection or timeout error (or anything else that stops the read half way) closes `conn` (the next use
     reconnects)."""
