@@ -28,7 +28,7 @@ log = logging.getLogger("shellq.access")
 WORKER_COMMANDS = (
     *("fcall", "fcall_ro", "function|list", "xread", "xreadgroup", "xautoclaim", "xack", "xgroup|create"),
     *("xinfo|groups", "xrange", "xtrim", "xpending", "xadd", "xdel", "hset", "hget", "hmget", "hincrby", "hsetnx"),
-    *("hexists", "get", "set", "expire", "pttl", "time", "ping", "client|setname", "del", "xlen"),
+    *("hexists", "get", "set", "incr", "expire", "pttl", "time", "ping", "client|setname", "del", "xlen"),
 )
 """What a session's worker sends (worker/store.py, worker/loop.py, worker/control.py and, inside FCALL, the
 commands of worker/functions.lua): no @admin, no @dangerous (INFO, CLIENT LIST, KEYS...), no FUNCTION change."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import RedisServer, server_binaries
+from helpers import RedisServer, server_binaries, wait_for
 
 from containers import access
 from containers.local import LocalBackend, SessionStartError
@@ -173,6 +173,25 @@ def test_a_producer_user_reads_its_session_but_cannot_write_its_results(
         assert agent.redis.xlen(keys.res) >= 1  # reading its history is allowed
         with pytest.raises(AccessDeniedError):
             agent.session("another").submit("true")
+    finally:
+        backend.stop(session_id)
+
+
+def test_a_command_written_by_hand_runs_under_the_session_users(
+    server: RedisServer, session_id: str, tmp_path: Path
+) -> None:
+    """redis-cli XADD by the session's producer user: the worker, as the session's worker user, takes it (counting
+    it against the queue cap, the one write its take adds) and answers it."""
+    backend = LocalBackend(server.url, tmp_path / "logs")
+    backend.start(session_id)
+    try:
+        password = access.new_producer_password(server.client(), session_id)
+        agent = redis.Redis.from_url(access.url_for(server.url, access.producer_user(session_id), password))
+        keys = protocol.keys(session_id)
+        eid = agent.xadd(keys.cmd, {"cmd": "echo by hand"}).decode()
+        wait_for(lambda: agent.xlen(keys.res) > 0, timeout=20)
+        [(_, fields)] = agent.xrange(keys.res, "-", "+")
+        assert (fields[b"id"], fields[b"status"], fields[b"stdout"]) == (eid.encode(), b"completed", b"by hand\n")
     finally:
         backend.stop(session_id)
 

@@ -14,15 +14,16 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, RedisServer, server_binaries, wait_for
 from history import History, check, exec_line, read_executions, stream_order
 
-from producer import Client, ClientSettings, Result, Session
+from producer import Client, ClientSettings, QueueFullError, Result, Session
 from worker import protocol
+from worker.loop import Worker
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -395,6 +396,28 @@ def test_pending_entry_deleted_from_the_stream_gets_lost(
 
 
 # -- admission: queue cap, duplicate submits, many producers, malformed entries ----------------------------------
+
+
+def test_commands_written_by_hand_do_not_loosen_the_queue_cap(
+    redis_server: RedisServer, start_worker: Callable[..., Worker], session_id: str, tmp_path: Path
+) -> None:
+    """Commands written with redis-cli XADD (no submit counted them) and answered leave the cap as it was: with a
+    cap of 3, a fourth unfinished command is still refused."""
+    start_worker(session_id, queue_cap=3)
+    r, k = redis_server.client(), protocol.keys(session_id)
+    s = Client(redis_server.url).session(session_id)
+    for i in range(3):
+        r.xadd(k.cmd, {"cmd": f"echo by-hand-{i}"})
+    wait_for(lambda: r.xlen(k.res) == 3)
+    go = tmp_path / "go"
+    s.submit(f"while [ ! -e {go} ]; do sleep 0.05; done", id="held")
+    wait_current(redis_server, session_id, "held")
+    s.submit("true", id="second")
+    s.submit("true", id="third")
+    with pytest.raises(QueueFullError):
+        s.submit("true", id="fourth")
+    go.touch()
+    assert s.result("third", timeout=20).status == "completed"
 
 
 def test_queue_cap_refuses_submits_beyond_it(

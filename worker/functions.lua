@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 6
+local VERSION = 7
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -87,9 +87,10 @@ local function take(keys, args)
     elseif not args[4] then
       return reply
     else
-      if not meta[1] then
+      if not meta[1] then  -- written by hand (no submit counted it): counted now, as its commit settles it
         redis.call('HSET', jrnl, 'entry', eid)
         redis.call('EXPIRE', jrnl, args[4])
+        redis.call('INCR', session_key(keys[1], 'seq'))
       end
       return {reply, meta[1] or eid, meta[1] == eid and meta[3]}
     end
