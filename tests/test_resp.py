@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import redis
-from helpers import RedisServer, server_binaries
+from helpers import ROOT, RedisServer, server_binaries
 
 from worker import resp
 from worker.errors import ConfigError, RedisReplyError, RedisUnavailableError
+from worker.loop import EXIT_CONFIG
 from worker.store import connect
 
 PASSWORD = "s3cret pass/word"  # a space and a slash: the URL form must be quoted, the file form not
@@ -73,6 +76,22 @@ def test_password_file_and_an_acl_user(server: RedisServer, tmp_path: Path, open
 def test_a_wrong_password_is_a_configuration_error(server: RedisServer, opened: Open) -> None:
     with pytest.raises(ConfigError, match="refused the connection setup"):
         opened(resp.Redis(f"redis://:wrong@127.0.0.1:{server.port}/0")).call("PING")
+
+
+def test_a_rediss_url_naming_a_plain_redis_says_so(server: RedisServer, tmp_path: Path, opened: Open) -> None:
+    """A plain Redis never answers a TLS handshake: the client says it does not speak TLS (the handshake had no
+    limit: a worker given such a URL waited forever, deaf to SIGTERM), and a worker exits with its configuration
+    status."""
+    url = authed(server).replace("redis://", "rediss://", 1)
+    with pytest.raises(ConfigError, match=f"Redis at 127.0.0.1:{server.port} does not speak TLS: use a redis://"):
+        opened(resp.Redis(url)).call("PING")
+    env = {**os.environ, "SHELLQ_WORK_DIR": str(tmp_path / "work")}
+    worker = subprocess.run(
+        [sys.executable, "-m", "worker", "--redis-url", url, "--session", "s1"],
+        env=env, capture_output=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert worker.returncode == EXIT_CONFIG
+    assert b"does not speak TLS" in worker.stderr
 
 
 def test_unix_socket_url(server: RedisServer, tmp_path: Path, opened: Open) -> None:

@@ -237,13 +237,22 @@ class Redis:
         import ssl
 
         sock = socket.socket(fileno=raw.detach())
+        sock.settimeout(self._connect_timeout)  # the handshake's limit (the new socket object has none)
 
         context = ssl.create_default_context(cafile=self._query.get("ssl_ca_certs"))
         if self._query.get("ssl_cert_reqs", "required") == "none":
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         host = self._address[0] if isinstance(self._address, tuple) else None
-        return context.wrap_socket(sock, server_hostname=host)
+        try:
+            return context.wrap_socket(sock, server_hostname=host)
+        except TimeoutError:  # a plain Redis takes the ClientHello for the start of a command and never answers
+            sock.close()
+            if isinstance(self._address, tuple) and _answers_plain_resp(*self._address, self._connect_timeout):
+                where = "{}:{}".format(*self._address)
+                hint = "use a redis:// URL for it, not rediss://"
+                raise ConfigError(f"Redis at {where} does not speak TLS: {hint}") from None
+            raise
 
     def _drop(self, conn: _Connection) -> None:
         conn.close()
@@ -266,6 +275,21 @@ def _tcp(host: str, port: int, timeout: float) -> _socket.socket:
             sock.close()
             error = e
     raise error or OSError(f"getaddrinfo found no address for {host}")
+
+
+def _answers_plain_resp(host: str, port: int, timeout: float) -> bool:
+    """Does HOST:PORT answer a plain-text PING as Redis does (`+PONG`, or an error such as `-NOAUTH`)?"""
+    try:
+        probe = _tcp(host, port, timeout)
+    except OSError:
+        return False
+    try:
+        probe.sendall(b"PING\r\n")
+        return probe.recv(1) in (b"+", b"-")
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class _Connection:
