@@ -133,6 +133,45 @@ def test_output_fifos_replaced_by_plain_files(shell: Shell) -> None:
     assert (nxt.status, nxt.stdout, nxt.stderr) == ("completed", b"mine\n", b"err\n")
 
 
+def test_command_file_replaced_by_a_symlink(shell: Shell, tmp_path: Path) -> None:
+    """A symlink where the command file was (to a file of the user's, or to /dev/zero) is not written through or
+    sourced: the next command's text goes to a new file of the worker's."""
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    rundir = shell._bash.rundir
+    assert shell.run(f"rm -f {rundir}/c; ln -s {victim} {rundir}/c; echo done", timeout=20).stdout == b"done\n"
+    nxt = shell.run("echo next", timeout=20)
+    assert (nxt.status, nxt.stdout) == ("completed", b"next\n")
+    assert victim.read_text() == "mine\n"
+
+
+def test_stdin_link_pointed_elsewhere(shell: Shell, tmp_path: Path) -> None:
+    """The link that gives each command /dev/null as stdin, pointed at a file: the next command reads nothing."""
+    secret = tmp_path / "secret"
+    secret.write_text("SECRET")
+    assert shell.run(f"ln -sfn {secret} {shell._bash.rundir}/i; echo done", timeout=20).status == "completed"
+    assert shell.run("cat; echo end", timeout=20).stdout == b"end\n"
+
+
+def test_report_fifo_replaced_by_the_commands_own(shell: Shell) -> None:
+    """A command that puts a FIFO of its own where the report FIFO was (bash then waits to open it for its report)
+    is still answered at once as completed, not held until its timeout."""
+    r = shell.run(f"rm -f {shell._bash.rundir}/r; mkfifo {shell._bash.rundir}/r; echo done", timeout=30)
+    assert (r.status, r.exit_code, r.stdout) == ("completed", 0, b"done\n")
+    assert shell.run("echo next", timeout=20).stdout == b"next\n"
+
+
+def test_output_fifos_pointed_at_a_shared_fifo(shell: Shell, tmp_path: Path) -> None:
+    """Symlinks from the output FIFOs to one FIFO elsewhere (which others could write to) are not read: stdout and
+    stderr stay apart."""
+    shared = tmp_path / "shared"
+    os.mkfifo(shared)
+    rundir = shell._bash.rundir
+    assert shell.run(f"for f in {rundir}/o* {rundir}/e*; do ln -sfn {shared} $f; done", timeout=20).exit_code == 0
+    nxt = shell.run("echo out; echo err >&2", timeout=20)
+    assert (nxt.stdout, nxt.stderr) == (b"out\n", b"err\n")
+
+
 # -- orphans reaped while a command runs --------------------------------------------------------------------------
 
 

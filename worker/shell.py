@@ -395,6 +395,9 @@ class Shell:
             os.kill(bash.pid, signal.SIGCONT)
         elif bash.pidfd < 0 and bash.exited():
             run.bash_gone = run.done = True
+        elif bash.report_fifo_moved():  # read the report where bash now writes it (or make the FIFO again)
+            if bash.restore_files():
+                poller.register(bash.report_fd, select.POLLIN)
         elif bash.at_prompt():
             self._read_reports(run)
             if not run.done:

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -241,29 +242,33 @@ class ShellProcess:
             os.chmod(self.rundir, 0o710)
             if not (self.rundir / "t").exists():  # where the driver saves traps: the shell cannot make files here
                 _close(self._hand_over_new(self.rundir / "t", os.O_WRONLY))
-        for p in (self.out_path, self.err_path, self.rundir / "r"):
-            if not p.is_fifo():
+        report = self.rundir / "r"
+        for p in (self.out_path, self.err_path, report):
+            # An output FIFO behind a symlink is not ours (others may write to it); the report FIFO is read wherever
+            # it now is, as bash may be waiting to open it (a report is only taken with its command's nonce).
+            if not (report.is_fifo() if p == report else _is(p, stat.S_ISFIFO)):
                 p.unlink(missing_ok=True)
                 os.mkfifo(p, 0o600)
                 self._hand_over(p)
-        if not self.stdin_link.is_symlink():
+        if not os.path.islink(self._stdin_link_path):
             self._stdin_from = None
             self.set_stdin(None)
         renewed = False
-        if self.report_fd < 0 or not _same_file(self.report_fd, self.rundir / "r"):
+        if self.report_fd < 0 or not _same_file(self.report_fd, report, follow=True):
             _close(self.report_fd)
             # Read and write: the FIFO never reads as EOF, and bash's open for writing never waits.
             self.report_fd = os.open(self.rundir / "r", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             renewed = True
         if self.cmd_fd < 0 or not _same_file(self.cmd_fd, self.cmd_file):
             _close(self.cmd_fd)
-            self.cmd_fd = self._hand_over_new(self.cmd_file, os.O_RDWR)
+            self.cmd_file.unlink(missing_ok=True)  # what took its place (a symlink to /dev/zero, say) is not written
+            self.cmd_fd = self._hand_over_new(self.cmd_file, os.O_RDWR | os.O_EXCL)
         return renewed
 
     def set_stdin(self, path: Path | None) -> None:
         """Point the next command's stdin at `path` (a file the shell user may read), or /dev/null."""
         target = str(path or os.devnull)
-        if target == self._stdin_from and os.path.islink(self._stdin_link_path):
+        if target == self._stdin_from and _link_target(self._stdin_link_path) == target:
             return
         new = self.rundir / "i.new"
         new.unlink(missing_ok=True)
@@ -279,15 +284,23 @@ class ShellProcess:
     def open_fifo(self, path: Path) -> int:
         """Open an output FIFO for reading, without waiting for bash to open it; made again first when it is gone or
         is no longer a FIFO."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(path, flags)
+        except OSError as e:  # gone, or a symlink where the FIFO was (ELOOP)
+            if e.errno not in (errno.ENOENT, errno.ELOOP):
+                raise
             fd = -1
         if fd >= 0 and stat.S_ISFIFO(os.fstat(fd).st_mode):
             return fd
         _close(fd)
         self.restore_files()
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, flags)
+
+    def report_fifo_moved(self) -> bool:
+        """Is the report FIFO's path no longer the FIFO this process reads (a command removed or replaced it; bash,
+        opening the path to report, may then wait for a reader that never comes)?"""
+        return not _same_file(self.report_fd, self.rundir / "r", follow=True)
 
     def replace_fifos(self) -> None:
         """A background job still holds the current FIFOs: leave them to it, use new ones from now on."""
@@ -298,7 +311,7 @@ class ShellProcess:
     def write_command(self, body: bytes) -> None:
         """Put the command's text in the file bash sources, with an access time of zero (`ran()`)."""
         info = os.fstat(self.cmd_fd)
-        if info.st_nlink == 0:
+        if not _same_file(self.cmd_fd, self.cmd_file, info):  # removed, or replaced (by a symlink, say)
             self.restore_files()
             info = os.fstat(self.cmd_fd)
         view, at = memoryview(body), 0
@@ -396,12 +409,29 @@ def _reads_update_atime(fd: int, path: Path) -> bool:
         return False
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def _same_file(fd: int, path: Path, info: os.stat_result | None = None, follow: bool = False) -> bool:
+    """Is `path` itself (or, with `follow`, what a symlink there points at) the file open as `fd` (whose fstat `info`
+    may be given)?"""
     try:
-        a, b = os.fstat(fd), os.stat(path)
+        a, b = info or os.fstat(fd), os.stat(path) if follow else os.lstat(path)
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _is(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Is `path` itself (a symlink is not followed) a file of this kind (stat.S_ISFIFO, say)?"""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _link_target(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def _close(fd: int) -> None:
