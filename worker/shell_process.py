@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 import termios
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -164,7 +163,6 @@ class ShellProcess:
         self.generation = 0
         self.stdin_link = self.rundir / "i"
         """What a command's stdin is: a symlink to /dev/null, or to the file `set_stdin` named."""
-        self._stdin_link_path = str(self.stdin_link)
         self._stdin_from: str | None = None
         self.cmd_fd = self.report_fd = -1
         self.out_path, self.err_path = self.rundir / "o0", self.rundir / "e0"
@@ -242,22 +240,22 @@ class ShellProcess:
             os.chmod(self.rundir, 0o710)
             if not (self.rundir / "t").exists():  # where the driver saves traps: the shell cannot make files here
                 _close(self._hand_over_new(self.rundir / "t", os.O_WRONLY))
+        # An output FIFO behind a symlink is not ours (others may write to it); the report FIFO is read wherever
+        # it now is, as bash may be waiting to open it (a report is only taken with its command's nonce).
         report = self.rundir / "r"
-        for p in (self.out_path, self.err_path, report):
-            # An output FIFO behind a symlink is not ours (others may write to it); the report FIFO is read wherever
-            # it now is, as bash may be waiting to open it (a report is only taken with its command's nonce).
-            if not (report.is_fifo() if p == report else _is(p, stat.S_ISFIFO)):
-                p.unlink(missing_ok=True)
-                os.mkfifo(p, 0o600)
-                self._hand_over(p)
-        if not os.path.islink(self._stdin_link_path):
+        missing = [p for p in (self.out_path, self.err_path) if not _is_fifo(p)]
+        for p in missing + ([] if report.is_fifo() else [report]):
+            p.unlink(missing_ok=True)
+            os.mkfifo(p, 0o600)
+            self._hand_over(p)
+        if not self.stdin_link.is_symlink():
             self._stdin_from = None
             self.set_stdin(None)
         renewed = False
         if self.report_fd < 0 or not _same_file(self.report_fd, report, follow=True):
             _close(self.report_fd)
             # Read and write: the FIFO never reads as EOF, and bash's open for writing never waits.
-            self.report_fd = os.open(self.rundir / "r", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            self.report_fd = os.open(report, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             renewed = True
         if self.cmd_fd < 0 or not _same_file(self.cmd_fd, self.cmd_file):
             _close(self.cmd_fd)
@@ -268,7 +266,7 @@ class ShellProcess:
     def set_stdin(self, path: Path | None) -> None:
         """Point the next command's stdin at `path` (a file the shell user may read), or /dev/null."""
         target = str(path or os.devnull)
-        if target == self._stdin_from and _link_target(self._stdin_link_path) == target:
+        if target == self._stdin_from and _link_target(self.stdin_link) == target:
             return
         new = self.rundir / "i.new"
         new.unlink(missing_ok=True)
@@ -419,15 +417,15 @@ def _same_file(fd: int, path: Path, info: os.stat_result | None = None, follow: 
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _is(path: Path, kind: Callable[[int], bool]) -> bool:
-    """Is `path` itself (a symlink is not followed) a file of this kind (stat.S_ISFIFO, say)?"""
+def _is_fifo(path: Path) -> bool:
+    """Is `path` itself (a symlink is not followed) a FIFO?"""
     try:
-        return kind(os.lstat(path).st_mode)
+        return stat.S_ISFIFO(os.lstat(path).st_mode)
     except OSError:
         return False
 
 
-def _link_target(path: str) -> str | None:
+def _link_target(path: Path) -> str | None:
     try:
         return os.readlink(path)
     except OSError:
