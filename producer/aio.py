@@ -13,12 +13,12 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
-from redis.asyncio.retry import Retry
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 
 from producer import batch, core, files
@@ -65,17 +65,34 @@ class _TLSConnection(redis.asyncio.SSLConnection):
             raise
 
 
+class _RetryFor(redis.asyncio.retry.Retry):
+    """core.RetryFor's twin: redis.asyncio's Retry bounded by time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), retries=-1)
+        self.update_supported_errors([redis.ResponseError])  # refusals only (see core.retry_until)
+        self.seconds = seconds
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        return await super().call_with_retry(do, fail, core.retry_until(self.seconds, is_retryable), with_failure_count)
+
+
 class AsyncClient:
     """A connection pool to the Redis that holds the sessions, for one event loop."""
 
     def __init__(self, url: str | None = None, *, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env(redis_url=url)
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5 + math.ceil(self.settings.retry_for))
         self.redis = redis.asyncio.Redis.from_url(
             self.settings.redis_url,
-            socket_timeout=30,
-            socket_connect_timeout=2,
-            retry=retry,
+            socket_timeout=core.READ_TIMEOUT,
+            socket_connect_timeout=core.CONNECT_TIMEOUT,
+            retry=_RetryFor(self.settings.retry_for),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             max_connections=MAX_CONNECTIONS,
         )

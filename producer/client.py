@@ -15,8 +15,6 @@ from typing import Any
 import hiredis
 import redis
 from pydantic import Field
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from producer import core, files
 from producer import history as _history
@@ -58,7 +56,8 @@ class ClientSettings(EnvSettings):
     client_name: str = Field(default_factory=_default_name, max_length=200)
     """Who this client is, recorded with each command it submits (`by`; `shellq log` shows it): user@host."""
     retry_for: float = Field(default=10.0, ge=0)
-    """Seconds each call keeps retrying while Redis cannot be reached (safe: submits are idempotent by id)."""
+    """Seconds each call keeps retrying while Redis cannot be reached or does not answer (safe: submits are
+    idempotent by id); a Redis that accepts connections and never answers adds one read timeout (10 s)."""
 
 
 _redis_errors = core.redis_errors
@@ -69,12 +68,11 @@ class Client:
 
     def __init__(self, url: str | None = None, *, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings.from_env(redis_url=url)
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5 + math.ceil(self.settings.retry_for))
         self.redis = redis.Redis.from_url(
             self.settings.redis_url,
-            socket_timeout=30,
-            socket_connect_timeout=2,
-            retry=retry,
+            socket_timeout=core.READ_TIMEOUT,
+            socket_connect_timeout=core.CONNECT_TIMEOUT,
+            retry=core.RetryFor(self.settings.retry_for),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **core.connection_options(self.settings.redis_url),
         )

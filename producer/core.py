@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
+import redis.backoff
+import redis.retry
 from pydantic import ValidationError
 
 from producer.result import Chunk, Result
@@ -26,10 +29,12 @@ from worker.errors import (
     InvalidResultError,
     NoWorkerError,
     QueueFullError,
+    RedisRefusedError,
     RedisReplyError,
     RedisUnavailableError,
     SessionStateLostError,
     WaitError,
+    is_refusal,
 )
 from worker.protocol import CommandRequest, CommandResult, ControlRequest, DecodeError, OutputChunk
 
@@ -42,6 +47,45 @@ LIVE_COUNT = 256
 LIVE_SLACK_MS = 1000
 """A reader of live output starts this long before its command was submitted (in case the server's clock stepped
 back in between: stream ids follow it)."""
+CONNECT_TIMEOUT = 2.0
+"""Seconds a connection (TCP, and TLS's handshake) may take to be made."""
+READ_TIMEOUT = 10.0
+"""Seconds a reply may take: ten times the longest blocking read a producer sends (`XREAD BLOCK 1000`). A Redis
+that accepts connections and then says nothing (stopped, or partitioned after the connect) is unavailable after
+this, and retried for `retry_for`."""
+
+
+def retry_until(seconds: float, is_retryable: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
+    """redis-py's `is_retryable` for a call that may retry for `seconds` from now (see RetryFor): a connection
+    error, a timeout, or a refusal (an error reply saying Redis refuses commands for now, such as OOM)."""
+    deadline = time.monotonic() + seconds
+
+    def retryable(error: Exception) -> bool:
+        if isinstance(error, redis.ResponseError) and not refusal(error):
+            return False
+        return time.monotonic() < deadline and (is_retryable is None or is_retryable(error))
+
+    return retryable
+
+
+class RetryFor(redis.retry.Retry):
+    """redis-py's Retry bounded by time: no retry starts `seconds` after the call began. redis-py counts attempts,
+    and retries a connect inside each retry of a command, so a count bounds little: with 15 retries, a call to a Redis
+    that accepted connections and never answered took over five minutes. Backoff: 50 ms doubling up to 1 s."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(redis.backoff.ExponentialBackoff(cap=1.0, base=0.05), retries=-1)
+        self.update_supported_errors([redis.ResponseError])  # refusals only (see retry_until)
+        self.seconds = seconds
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        return super().call_with_retry(do, fail, retry_until(self.seconds, is_retryable), with_failure_count)
 
 
 @contextmanager
@@ -51,8 +95,25 @@ def redis_errors(url: str) -> Iterator[None]:
         yield
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:  # WRONGPASS, NOAUTH; NOPERM
         raise AccessDeniedError(f"Redis at {redact(url)} refused this user: {e}") from None
+    except redis.exceptions.BusyLoadingError as e:  # a ConnectionError to redis-py; a refusal (LOADING) to shellq
+        raise RedisRefusedError(f"Redis at {redact(url)} refuses commands now: LOADING {e}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}: {e}") from e
+    except redis.ResponseError as e:
+        if refusal(e):
+            raise RedisRefusedError(f"Redis at {redact(url)} refuses commands now: {refusal(e)}") from None
+        raise
+
+
+def refusal(error: Exception) -> str | None:
+    """The text of a Redis error reply that refuses commands for now (worker.errors.REFUSALS), else None. redis-py
+    drops the code from some (OOM's), and names those by class."""
+    text = str(error)
+    if isinstance(error, redis.exceptions.OutOfMemoryError) and not text.startswith("OOM"):
+        text = f"OOM {text}"
+    elif isinstance(error, redis.exceptions.ReadOnlyError) and not text.startswith("READONLY"):
+        text = f"READONLY {text}"
+    return text if isinstance(error, redis.ResponseError) and is_refusal(text) else None
 
 
 class TLSConnection(redis.SSLConnection):
@@ -152,8 +213,10 @@ def submit_call(keys: protocol.Keys, settings: ClientSettings, req: CommandReque
 def submitted(session_id: str, req: CommandRequest, reply: Any) -> bool:
     """What shellq_submit answered: True when the command was queued now, False when its id was accepted before.
     Raises QueueFullError, SessionStateLostError, NoWorkerError (the session is gone), and, for an error reply in
-    its place, ConfigError (another version's library) or RedisReplyError."""
+    its place, RedisRefusedError (out of memory, say), ConfigError (another version's library) or RedisReplyError."""
     if isinstance(reply, redis.ResponseError):
+        if refused := refusal(reply):
+            raise RedisRefusedError(f"session {session_id}: Redis refuses commands now: {refused}")
         raise protocol.version_refusal(reply) or RedisReplyError(f"session {session_id}: {reply}")
     outcome = int(reply[0])
     if outcome == -1:

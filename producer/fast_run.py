@@ -60,7 +60,7 @@ class Run:
     def __init__(self, url: str, name: str, cid: str, settings: dict[str, float | int | str], fields: list[bytes]):
         from worker.resp import Redis
 
-        self.r: Redis = Redis(url, timeout=30.0, connect_timeout=2.0)
+        self.r: Redis = Redis(url, timeout=10.0, connect_timeout=2.0)  # producer/core.py READ_TIMEOUT, CONNECT_TIMEOUT
         self.url, self.name, self.cid, self.settings, self.fields = url, name, cid, settings, fields
         prefix = f"shellq:{{{name}}}:"
         self.res, self.jrnl = prefix + "res", f"{prefix}jrnl:{cid}"

@@ -3,7 +3,11 @@ proxy while the worker blocks, and the producer's bounded retries. Checked with 
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import RedisServer, free_port, server_binaries, wait_for
+from helpers import SHELLQ_SCRIPT, RedisServer, free_port, server_binaries, wait_for
 from history import History, analyse, exec_line
 from tcp_proxy import TcpProxy
 from test_faults import AOF_ALWAYS, Workers, client_for, own_server, settle, submit_ok, wait_exit, worker_pool
 
-from producer import NoWorkerError, RedisUnavailableError, SessionStateLostError
+from producer import NoWorkerError, RedisRefusedError, RedisUnavailableError, SessionStateLostError
 from worker import protocol
 
 pytestmark = pytest.mark.timeout(90)
@@ -178,6 +182,51 @@ def test_connections_cut_again_and_again_during_a_stream_of_commands(
     assert report.statuses["lost"] == 0
 
 
+# -- a Redis that refuses commands -----------------------------------------------------------------------------
+
+
+def test_a_redis_out_of_memory_refuses_new_work_and_records_what_ran(
+    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+) -> None:
+    """At maxmemory with `noeviction` (the setting shellq asks for), Redis refuses writes. The command running then
+    still gets its result (the worker crashed with a traceback on the refused commit, and the command's outcome was
+    lost); submits are refused with an error that names the cause, from the client and the CLI (exit 125); the
+    worker waits, says so once, and serves again once Redis has room."""
+    proc = workers.start(durable_server.url, session_id)
+    with client_for(durable_server.url) as client, client_for(durable_server.url, retry_for=1.0) as quick:
+        s = client.session(session_id)
+        assert s.run("echo up", timeout=10).stdout == "up\n"
+        started = tmp_path / "started"
+        cid = s.submit(f"touch {started}; sleep 1; echo ran")
+        wait_for(started.exists, timeout=30)
+        with durable_server.client() as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")  # any write that may grow memory is refused now
+            try:
+                r = s.result(cid, timeout=30)
+                assert (r.status, r.stdout) == ("completed", "ran\n")
+
+                with pytest.raises(RedisRefusedError, match="refuses commands now: OOM command not allowed"):
+                    quick.session(session_id).submit("echo never")
+                env = {**os.environ, "SHELLQ_REDIS_URL": durable_server.url, "SHELLQ_RETRY_FOR": "1"}
+                cli = subprocess.run(
+                    [SHELLQ_SCRIPT, "exec", session_id, "--", "echo never"],
+                    env=env, capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+                assert cli.returncode == 125
+                assert cli.stderr.startswith("shellq: Redis at ") and "refuses commands now: OOM" in cli.stderr
+                assert "Traceback" not in cli.stderr
+                assert proc.poll() is None  # the worker waits for room
+            finally:
+                admin.config_set("maxmemory", "0")
+        assert s.run("echo again", timeout=30).stdout == "again\n"
+        never = [h for h in s.history() if h.request and b"never" in h.request.cmd]
+    assert never == []  # neither refused submit was queued
+    log = workers.log(proc)
+    assert log.count("Redis unavailable (Redis refuses commands now: OOM") == 1, log
+    assert "Redis is back after" in log and "Traceback" not in log, log
+
+
 # -- the producer's retries ---------------------------------------------------------------------------------------
 
 
@@ -207,6 +256,47 @@ def test_producer_retries_while_redis_is_down_then_raises_redis_unavailable(tmp_
     finally:
         t.join(timeout=30)
         server.stop()
+
+
+def test_a_redis_that_does_not_answer_is_unavailable_after_one_read_timeout(tmp_path: Path) -> None:
+    """A Redis that accepts connections and says nothing (stopped here; a partition after the connect looks the same):
+    a call gives up after one read timeout, its retries bounded by `retry_for`, in the sync and the async client alike.
+    redis-py counts retries, and retries the connect inside each retry of the command: such a call took minutes."""
+    from producer import AsyncClient, ClientSettings
+    from producer.core import READ_TIMEOUT, redact
+
+    kind, binary = next(iter(server_binaries().items()))
+    server = RedisServer(kind, binary, tmp_path)
+    server.start()
+    settings = ClientSettings(redis_url=server.url, retry_for=1.0)
+
+    async def submit_async() -> None:
+        async with AsyncClient(settings=settings) as client:
+            await client.session("quiet-s").submit("true", id="q-1")
+
+    outcomes: dict[str, object] = {}
+
+    def attempt(name: str, fn: Callable[[], object]) -> None:
+        started = time.monotonic()
+        outcomes[name] = (_try(fn), time.monotonic() - started)
+
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        sync = threading.Thread(
+            target=attempt,
+            args=("sync", lambda: client_for(server.url, retry_for=1.0).session("quiet-s").submit("true", id="q-0")),
+        )
+        sync.start()
+        attempt("async", lambda: asyncio.run(submit_async()))
+        sync.join(timeout=60)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+    assert set(outcomes) == {"sync", "async"}  # the sync call ended too
+    for name, (error, took) in outcomes.items():
+        assert isinstance(error, RedisUnavailableError), (name, error)
+        assert f"cannot reach Redis at {redact(server.url)}" in str(error), (name, error)
+        assert took < 2 * READ_TIMEOUT, (name, took)
 
 
 def test_producer_default_retry_window_is_ten_seconds() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -128,11 +129,36 @@ def test_a_server_that_stops_answering_is_an_outage_after_the_timeout(server: Re
     client.call("SET", "k", "before")
     os.kill(server.proc.pid, signal.SIGSTOP)  # connected, but nothing comes back
     try:
-        with pytest.raises(RedisUnavailableError):
+        with pytest.raises(RedisUnavailableError, match=r"no reply within 0\.5s"):  # not "[Errno 11] Resource ..."
             client.call("GET", "k")
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
     assert client.call("GET", "k") == b"before"  # a new connection: no late reply is taken for this one
+
+
+def test_a_worker_stopped_while_redis_does_not_answer_exits_at_once(server: RedisServer, tmp_path: Path) -> None:
+    """A worker that has not served yet has nothing to settle: SIGTERM ends it at once, even while it waits on a
+    Redis that accepted its connection and says nothing (it used to wait out its 30 s read timeout, then exit 4)."""
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        env = {**os.environ, "SHELLQ_WORK_DIR": str(tmp_path / "work")}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--redis-url", authed(server), "--session", "s1"],
+            env=env, stderr=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            time.sleep(2)  # started, connected, and waiting for a reply
+            assert worker.poll() is None
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=10) == 0
+        finally:
+            worker.kill()
+            worker.wait()
+        assert worker.stderr is not None
+        with worker.stderr:
+            assert b"SIGTERM before serving" in worker.stderr.read()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
 
 
 def test_unsupported_url_schemes_are_refused() -> None:

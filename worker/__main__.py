@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     worker: Worker | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if worker is None:  # asked to stop before it started
+        if worker is None or not worker.leased:  # asked to stop before it served: leave whatever it waits for
+            log.info("%s before serving: exiting", signal.Signals(signum).name)
             raise SystemExit(EXIT_OK)
         grace = worker.settings.shutdown_grace
         log.info("%s: stopping after the running command (grace %ss)", signal.Signals(signum).name, grace)

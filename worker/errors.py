@@ -5,6 +5,7 @@ ShellqError
 ├── InvalidRequestError(ShellqError, ValueError) a command that breaks a limit (too large, bad timeout)
 ├── QueueFullError                               the session's queue is at its cap
 ├── RedisUnavailableError(ShellqError, ConnectionError)  Redis cannot be reached (after retries)
+│   └── RedisRefusedError                        Redis answers but refuses commands for now (OOM, MISCONF, ...)
 ├── RedisReplyError                              Redis answered the worker's own client with an error
 ├── AccessDeniedError(ShellqError, PermissionError) this Redis user may not do that (another session's keys)
 ├── SessionStateLostError                        Redis came back without the session's consumer group
@@ -45,6 +46,21 @@ class QueueFullError(ShellqError):
 
 class RedisUnavailableError(ShellqError, ConnectionError):
     """Redis could not be reached."""
+
+
+REFUSALS = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")
+"""Error replies by which a Redis that is up refuses commands until its state changes: at maxmemory with
+`noeviction` (OOM), unable to write its AOF or RDB to disk (MISCONF), a replica (READONLY), loading its data
+(LOADING), running a long script (BUSY), a replica cut off from its master or a master short of replicas."""
+
+
+class RedisRefusedError(RedisUnavailableError):
+    """Redis answers, but refuses commands for now (one of REFUSALS: out of memory, a disk it cannot write...)."""
+
+
+def is_refusal(message: str) -> bool:
+    """Is this error reply's text one of REFUSALS (a state of the server, not a fault of the command)?"""
+    return message.split(" ", 1)[0] in REFUSALS
 
 
 class AccessDeniedError(ShellqError, PermissionError):

@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 7
+local VERSION = 8
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -209,11 +209,15 @@ local function version(keys, args)
   return VERSION
 end
 
+-- At maxmemory (noeviction), Redis refuses new work (submit, take) but not what settles work already done: the result
+-- of a command that ran is recorded (one result a session beyond the limit at most: nothing more is taken), and the
+-- lease and heartbeat go on, so the session is not taken for dead. A cancel settles a command too.
+local settles = {'allow-oom'}
 redis.register_function('shellq_submit', versioned(submit))
 redis.register_function('shellq_take', versioned(take))
-redis.register_function('shellq_commit', versioned(commit))
-redis.register_function('shellq_cancel', versioned(cancel))
-redis.register_function('shellq_acquire', versioned(acquire))
-redis.register_function('shellq_heartbeat', versioned(heartbeat))
+redis.register_function{function_name = 'shellq_commit', callback = versioned(commit), flags = settles}
+redis.register_function{function_name = 'shellq_cancel', callback = versioned(cancel), flags = settles}
+redis.register_function{function_name = 'shellq_acquire', callback = versioned(acquire), flags = settles}
+redis.register_function{function_name = 'shellq_heartbeat', callback = versioned(heartbeat), flags = settles}
 redis.register_function{function_name = 'shellq_alive', callback = versioned(alive), flags = {'no-writes'}}
 redis.register_function{function_name = 'shellq_version', callback = version, flags = {'no-writes'}}

@@ -82,6 +82,11 @@ class Worker:
         self._lease_fresh_until = 0.0
         self._control: Control | None = None
         self._serving = False  # holds the session's lease (the session's meta is this worker's to write)
+        self._outage: float | None = None  # when Redis went (monotonic), while it is unavailable
+        self._delay = 0.05  # seconds before the next attempt to resume, during an outage
+        self.leased = False
+        """Has this worker held the session's lease? Until then a stop may abandon whatever it waits for (a
+        Redis that does not answer, say): it has taken no command and written nothing of the session's."""
         self._inputs: Path | None = None  # see _input_dir
 
     def _new_shell(self) -> Shell:
@@ -104,6 +109,7 @@ class Worker:
             while (not self.stopping.is_set() or self._backlog) and (max_commands is None or done < max_commands):
                 try:
                     entry = self._next()
+                    self._recovered()
                     if entry:
                         done += 1
                         self._process(entry, take_next=max_commands is None or done < max_commands)
@@ -169,7 +175,7 @@ class Worker:
         if not self._wait_for_lease():
             log.info("stopped while waiting for the lease of session %s", self.settings.session)
             return False
-        self._serving = True
+        self._serving = self.leased = True
         self.store.note_wake()
         self.store.open_session(self.work_dir / ".shellq-session")
         previous = self.store.redis.call("HGET", self.store.keys.meta, "shell_epoch")
@@ -279,6 +285,7 @@ class Worker:
                 break
             except RedisUnavailableError as e:
                 self._reconnect(e, holding=True)  # a result to commit: wait for Redis even when stopping
+                take_next = False  # the commit alone (a refused take must not hold the result back)
         if result.status != "completed":
             log.info("command %s: %s %s", result.id, result.status, result.error or "")
         self._fault("committed")
@@ -421,26 +428,33 @@ class Worker:
 
     # -- faults ----------------------------------------------------------------------------------------------------
 
-    def _reconnect(self, error: Exception, holding: bool = False) -> None:
-        """Wait for Redis with backoff (one log line when it goes, one when it is back), then make sure the
-        session and the lease are still there, and pick up a command whose take reply was lost on the way.
-        Asked to stop meanwhile, it gives up at once, or, `holding` a result to commit, after the shutdown grace
-        (the next worker of the session then answers that command `interrupted`)."""
-        log.warning("Redis unreachable (%s); retrying", error)
-        went, delay, stop_seen = time.monotonic(), 0.05, None
+    def _reconnect(self, error: RedisUnavailableError, holding: bool = False) -> None:
+        """Wait for Redis with backoff, then make sure the session and the lease are still there, and pick up a
+        command whose take reply was lost on the way. Asked to stop meanwhile, it gives up at once, or, `holding` a
+        result to commit, after the shutdown grace (the next worker of the session then answers that command
+        `interrupted`). An outage is logged once when it starts and once when a take succeeds again (`_recovered`);
+        the backoff goes on across calls until then, since a Redis that refuses commands (out of memory, say)
+        answers the steps here, and a commit (see functions.lua), and refuses the next take again."""
+        if self._outage is None:
+            self._outage, self._delay = time.monotonic(), 0.05
+            log.warning("Redis unavailable (%s); retrying", error)
+        stop_seen = None
         while True:
             if self.stopping.is_set() and self.running is None:
                 stop_seen = stop_seen or time.monotonic()
                 if not holding or time.monotonic() - stop_seen > max(self.settings.shutdown_grace, 1.0):
                     raise error
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            time.sleep(self._delay)
+            self._delay = min(self._delay * 2, 2.0)
             try:
-                self.store.redis.call("PING")
-                break
-            except RedisUnavailableError:
-                continue
-        log.info("Redis is back after %.1fs", time.monotonic() - went)
+                self._resume()
+                return
+            except RedisUnavailableError as e:
+                error = e
+
+    def _resume(self) -> None:
+        """After an outage: PING, the session's state, the lease, and the commands delivered to this worker."""
+        self.store.redis.call("PING")
         self.store.check_session()
         if self.store.acquire() is None:
             raise FencedError("the lease was taken over while Redis was unreachable; this worker stops")
@@ -449,6 +463,12 @@ class Worker:
             e for e in sorted(entries, key=lambda e: protocol.entry_key(e[0])) if e[0] not in self._started
         ]
         self._last = self.store.last_delivered()
+
+    def _recovered(self) -> None:
+        """A take succeeded: an outage in progress is over."""
+        if self._outage is not None:
+            log.info("Redis is back after %.1fs", time.monotonic() - self._outage)
+            self._outage = None
 
     def _record_loss(self, reason: str) -> None:
         try:

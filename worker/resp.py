@@ -18,7 +18,7 @@ from _thread import _local, allocate_lock
 
 import hiredis
 
-from worker.errors import ConfigError, RedisReplyError, RedisUnavailableError
+from worker.errors import ConfigError, RedisRefusedError, RedisReplyError, RedisUnavailableError, is_refusal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -161,11 +161,19 @@ class Redis:
             replies = conn.roundtrip(commands)
         except (OSError, hiredis.ProtocolError) as e:
             self._drop(conn)
-            raise RedisUnavailableError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+            raise RedisUnavailableError(self._failure(e)) from None
         for reply in replies:
             if isinstance(reply, RedisReplyError):
+                if is_refusal(str(reply)):
+                    raise RedisRefusedError(f"Redis refuses commands now: {reply}")
                 raise reply
         return replies
+
+    def _failure(self, e: Exception) -> str:
+        """What went wrong with a connection, in words: the kernel's receive timeout surfaces as EAGAIN."""
+        if isinstance(e, (BlockingIOError, TimeoutError)):
+            return f"no reply within {self._timeout:g}s (the server accepted the connection but does not answer)"
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
     def close(self) -> None:
         with self._lock:
@@ -199,7 +207,7 @@ class Redis:
                 refused = [r for r in conn.roundtrip(handshake) if isinstance(r, RedisReplyError)]
             except OSError as e:
                 conn.close()
-                raise RedisUnavailableError(f"connection setup failed: {e}") from None
+                raise RedisUnavailableError(f"connection setup failed: {self._failure(e)}") from None
             if refused:
                 conn.close()
                 raise ConfigError(f"Redis refused the connection setup: {refused[0]}")
