@@ -107,13 +107,13 @@ def redis_errors(url: str) -> Iterator[None]:
 
 def refusal(error: Exception) -> str | None:
     """The text of a Redis error reply that refuses commands for now (worker.errors.REFUSALS), else None. redis-py
-    drops the code from some (OOM's), and names those by class."""
-    text = str(error)
-    if isinstance(error, redis.exceptions.OutOfMemoryError) and not text.startswith("OOM"):
-        text = f"OOM {text}"
-    elif isinstance(error, redis.exceptions.ReadOnlyError) and not text.startswith("READONLY"):
-        text = f"READONLY {text}"
-    return text if isinstance(error, redis.ResponseError) and is_refusal(text) else None
+    cuts the code off the replies it has a class for (OOM, READONLY, MASTERDOWN...) and keeps it in `status_code`."""
+    if not isinstance(error, redis.ResponseError):
+        return None
+    text, code = str(error), getattr(error, "status_code", None)
+    if code and not text.startswith(code):
+        text = f"{code} {text}"
+    return text if is_refusal(text) else None
 
 
 class TLSConnection(redis.SSLConnection):

@@ -227,6 +227,56 @@ def test_a_redis_out_of_memory_refuses_new_work_and_records_what_ran(
     assert "Redis is back after" in log and "Traceback" not in log, log
 
 
+def test_a_redis_turned_replica_is_waited_out(durable_server: RedisServer, workers: Workers, session_id: str) -> None:
+    """A Redis made a replica (a failover gone wrong: READONLY to every write, the worker's take and heartbeat
+    included): submits are refused naming it, the idle worker logs it once and stays, and serves again once the
+    server is a master again, with the session's state intact."""
+    proc = workers.start(durable_server.url, session_id)
+    with client_for(durable_server.url) as client, client_for(durable_server.url, retry_for=1.0) as quick:
+        s = client.session(session_id)
+        before = s.run("cd /tmp && export KEPT=1", timeout=10)
+        assert before.exit_code == 0
+        with durable_server.client() as admin:
+            admin.replicaof("127.0.0.1", str(free_port()))  # a master that is not there: no sync, data kept
+            try:
+                with pytest.raises(RedisRefusedError, match="refuses commands now: READONLY"):
+                    quick.session(session_id).submit("echo never")
+                time.sleep(2)  # the worker's take is refused meanwhile
+                assert proc.poll() is None
+            finally:
+                admin.replicaof("NO", "ONE")
+        r = s.run("echo $KEPT; pwd", timeout=30)
+        assert (r.stdout, r.shell_epoch) == ("1\n/tmp\n", before.shell_epoch)  # the same bash
+    log = workers.log(proc)
+    assert log.count("Redis unavailable (") == 1, log  # the switch resets connections first, then READONLY
+    assert "Redis is back after" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize(
+    ("reply", "refused"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("MISCONF Errors writing to the AOF file: No space left on device", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", True),
+        ("BUSY Redis is busy running a script.", True),
+        ("NOREPLICAS Not enough good replicas to write.", True),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+        ("ERR Function not found", False),
+        ("FENCED lease lost", False),
+        ("NOPERM User p has no permissions to run the 'xadd' command", False),
+    ],
+)
+def test_the_producer_tells_a_refusal_from_a_failed_command(reply: str, refused: bool) -> None:
+    """As redis-py parses it (it cuts the code off the replies it has a class for, OOM's and MASTERDOWN's among
+    them): a refusal is retried and raised as RedisRefusedError with Redis's words; any other error reply is not."""
+    from redis._parsers.base import BaseParser
+
+    from producer.core import refusal
+
+    assert refusal(BaseParser.parse_error(reply)) == (reply if refused else None)
+
+
 # -- the producer's retries ---------------------------------------------------------------------------------------
 
 

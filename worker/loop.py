@@ -109,7 +109,6 @@ class Worker:
             while (not self.stopping.is_set() or self._backlog) and (max_commands is None or done < max_commands):
                 try:
                     entry = self._next()
-                    self._recovered()
                     if entry:
                         done += 1
                         self._process(entry, take_next=max_commands is None or done < max_commands)
@@ -260,6 +259,7 @@ class Worker:
         if time.monotonic() > self._lease_fresh_until and not self.store.beat(self.heartbeat_fields()):
             raise FencedError("this worker's lease was taken over; it stops")
         entry, self._last = self.store.take(self._last, self.settings.block_ms)
+        self._recovered()
         return entry
 
     def _process(self, entry: Entry, counted: bool = False, take_next: bool = False) -> None:
@@ -270,7 +270,11 @@ class Worker:
         if len(self._started) > 1000:
             del self._started[next(iter(self._started))]
         self._fault("taken")
-        result = self._handle(entry, counted)
+        try:
+            result = self._handle(entry, counted)
+        except RedisUnavailableError:  # before the command ran (its input, its journal): recovery takes it again
+            self._started.pop(entry[0], None)
+            raise
         self._fault("ran")
         while True:
             try:
@@ -341,6 +345,8 @@ class Worker:
                 )
         except TransferError as e:
             return _result(cid, entry_id, "rejected", f"its input did not come whole: {e}", self.shell.epoch)
+        except RedisUnavailableError:  # an OSError too, but not the shell's: its input could not be read yet
+            raise
         except OSError as e:  # the machine failed the shell (a full /dev/shm, no descriptors left): say so, go on
             log.exception("command %s: the shell failed; starting a new bash", cid)
             epoch = self._renew()

@@ -210,6 +210,8 @@ class Redis:
                 raise RedisUnavailableError(f"connection setup failed: {self._failure(e)}") from None
             if refused:
                 conn.close()
+                if is_refusal(str(refused[0])):  # BUSY with a long script, LOADING: the server's state, not ours
+                    raise RedisRefusedError(f"Redis refuses commands now: {refused[0]}")
                 raise ConfigError(f"Redis refused the connection setup: {refused[0]}")
             self._local.conn = conn
             with self._lock:
