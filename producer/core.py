@@ -326,7 +326,8 @@ def interrupt_fields(command_id: str) -> dict[str, bytes]:
 
 def check_worker(session_id: str, reply: Any, limit: float) -> None:
     """Raise NoWorkerError (or SessionStateLostError) from a shellq_alive reply: no heartbeat within `limit`
-    seconds, the worker stopped, the session's environment gone."""
+    seconds, the worker stopped, the session's environment gone, or Redis refusing the worker's takes for longer
+    than `limit` (at maxmemory, say: the worker is alive, but a queued command would wait for nothing)."""
     age, state = heartbeat(reply)
     if state == "lost":
         raise SessionStateLostError(f"session {session_id}: Redis lost its state; its worker stopped")
@@ -336,12 +337,23 @@ def check_worker(session_id: str, reply: Any, limit: float) -> None:
         raise NoWorkerError(f"no worker has ever served session {session_id}")
     if age > limit or state == "stopped":
         raise NoWorkerError(f"no worker serves session {session_id}: last heartbeat {age:.1f}s ago ({state})")
+    if (refused := refusal_of(reply)) and refused[0] > limit:
+        why = f"Redis has refused them for {refused[0]:.0f}s: {refused[1]}"
+        raise NoWorkerError(f"the worker of session {session_id} can take no command: {why}")
 
 
 def heartbeat(reply: Any) -> tuple[float | None, str | None]:
     """A shellq_alive reply -> seconds since the last heartbeat (by the server's clock) and the worker's state."""
-    now_ms, beat, state = reply
+    now_ms, beat, state, *_ = reply
     return (None if beat is None else (int(now_ms) - int(beat)) / 1000), (state.decode() if state else None)
+
+
+def refusal_of(reply: Any) -> tuple[float, str] | None:
+    """A shellq_alive reply -> how long (seconds, by the server's clock) Redis has refused the worker's takes, and
+    Redis's words; None while it takes."""
+    if len(reply) < 5 or not reply[3]:
+        return None
+    return (int(reply[0]) - int(reply[3])) / 1000, bytes(reply[4] or b"").decode(errors="replace")
 
 
 def alive(reply: Any, limit: float) -> bool:

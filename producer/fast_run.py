@@ -205,8 +205,11 @@ class Run:
 
 def worker_gone(alive: list[int | bytes | None], limit: float) -> bool:
     """Whether producer/core.py `check_worker` raises for this shellq_alive reply: no heartbeat within `limit`
-    seconds (by the server's clock), the worker stopped, the session's state lost or its environment gone."""
-    now_ms, beat, state = alive
+    seconds (by the server's clock), the worker stopped, the session's state lost or its environment gone, or Redis
+    refusing the worker's takes for longer than `limit`."""
+    now_ms, beat, state, *refused = alive
+    if refused and refused[0] and (int(now_ms or 0) - int(refused[0])) / 1000 > limit:
+        return True  # Redis refuses the worker's takes
     return beat is None or (int(now_ms or 0) - int(beat)) / 1000 > limit or state in (b"stopped", b"gone", b"lost")
 
 

@@ -268,6 +268,7 @@ def test_result_entries_it_does_not_expect_are_the_full_paths(fields: dict[bytes
     [
         *([10_000, beat, b"running"] for beat in (b"9500", b"5000", None)),
         *([10_000, b"9999", state] for state in (b"stopped", b"gone", b"lost", None)),
+        *([10_000, b"9999", b"idle", since, b"OOM command not allowed"] for since in (b"9000", b"7000", None)),
     ],
 )
 def test_a_worker_is_gone_when_the_client_says_so(reply: list[Any]) -> None:

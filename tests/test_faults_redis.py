@@ -190,14 +190,19 @@ def test_a_redis_out_of_memory_refuses_new_work_and_records_what_ran(
 ) -> None:
     """At maxmemory with `noeviction` (the setting shellq asks for), Redis refuses writes. The command running then
     still gets its result (the worker crashed with a traceback on the refused commit, and the command's outcome was
-    lost); submits are refused with an error that names the cause, from the client and the CLI (exit 125); the
-    worker waits, says so once, and serves again once Redis has room."""
+    lost); a wait on a command queued behind it ends once Redis has refused the worker's takes for longer than
+    `no_worker_after`, cancelling it; submits are refused with an error that names the cause, from the client and
+    the CLI (exit 125); the worker waits, says so once, and serves again once Redis has room."""
     proc = workers.start(durable_server.url, session_id)
-    with client_for(durable_server.url) as client, client_for(durable_server.url, retry_for=1.0) as quick:
+    with (
+        client_for(durable_server.url) as client,
+        client_for(durable_server.url, retry_for=1.0, no_worker_after=3.0) as quick,
+    ):
         s = client.session(session_id)
         assert s.run("echo up", timeout=10).stdout == "up\n"
         started = tmp_path / "started"
         cid = s.submit(f"touch {started}; sleep 1; echo ran")
+        queued = s.submit("echo queued")  # behind it: not taken before Redis has room again
         wait_for(started.exists, timeout=30)
         with durable_server.client() as admin:
             admin.config_set("maxmemory-policy", "noeviction")
@@ -205,6 +210,9 @@ def test_a_redis_out_of_memory_refuses_new_work_and_records_what_ran(
             try:
                 r = s.result(cid, timeout=30)
                 assert (r.status, r.stdout) == ("completed", "ran\n")
+                with pytest.raises(NoWorkerError, match="can take no command: Redis has refused them") as waited:
+                    quick.session(session_id).result(queued, timeout=60)  # no_worker_after 3 s
+                assert waited.value.cancelled and "OOM" in str(waited.value)  # it will never run
 
                 with pytest.raises(RedisRefusedError, match="refuses commands now: OOM command not allowed"):
                     quick.session(session_id).submit("echo never")
@@ -220,6 +228,7 @@ def test_a_redis_out_of_memory_refuses_new_work_and_records_what_ran(
             finally:
                 admin.config_set("maxmemory", "0")
         assert s.run("echo again", timeout=30).stdout == "again\n"
+        assert s.result(queued, timeout=10).status == "cancelled"
         never = [h for h in s.history() if h.request and b"never" in h.request.cmd]
     assert never == []  # neither refused submit was queued
     log = workers.log(proc)

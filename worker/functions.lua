@@ -5,7 +5,7 @@
 -- The library's version, raised with every change to it. Every call passes 'shellq/<version>' first (ARGV[1],
 -- not shown below): a caller of another version is refused with a VERSION error instead of having its arguments
 -- misread. shellq never replaces a newer library with an older one (see worker/protocol.py).
-local VERSION = 8
+local VERSION = 9
 local CALLER = 'shellq/' .. VERSION
 
 local function now_ms()
@@ -179,7 +179,16 @@ local function heartbeat(keys, args)
   if holder and holder ~= args[1] then return 0 end
   redis.call('SET', keys[1], args[1], 'PX', args[2])
   if not holder then redis.call('HINCRBY', keys[2], 'fence', 1) end
-  redis.call('HSET', keys[2], 'heartbeat_ms', now_ms(), unpack(args, 3))
+  local now = now_ms()
+  redis.call('HSET', keys[2], 'heartbeat_ms', now, unpack(args, 3))
+  -- Since when the worker can take nothing because Redis refuses it (its field `refused`); '' while it takes.
+  local refused = redis.call('HGET', keys[2], 'refused') or ''
+  local since = redis.call('HGET', keys[2], 'refused_ms') or ''
+  if refused ~= '' and since == '' then
+    redis.call('HSET', keys[2], 'refused_ms', now)
+  elseif refused == '' and since ~= '' then
+    redis.call('HSET', keys[2], 'refused_ms', '')
+  end
   local current = redis.call('HGET', keys[2], 'current')
   if current and current ~= '' and current == redis.call('HGET', keys[2], 'last_done') then
     redis.call('HSET', keys[2], 'state', 'idle', 'current', '')  -- stamped running before that command's commit
@@ -187,10 +196,11 @@ local function heartbeat(keys, args)
   return 1
 end
 
--- KEYS: meta   -> {server time ms, last heartbeat ms or false, worker state or false}
+-- KEYS: meta   -> {server time ms, last heartbeat ms or false, worker state or false, since when Redis refuses the
+-- worker's takes (ms; false or '' while it takes), Redis's words}
 local function alive(keys, args)
-  local meta = redis.call('HMGET', keys[1], 'heartbeat_ms', 'state')
-  return {now_ms(), meta[1], meta[2]}
+  local meta = redis.call('HMGET', keys[1], 'heartbeat_ms', 'state', 'refused_ms', 'refused')
+  return {now_ms(), meta[1], meta[2], meta[3], meta[4]}
 end
 
 local function versioned(fn)

@@ -30,6 +30,7 @@ from worker.control import Control
 from worker.errors import (
     ConfigError,
     FencedError,
+    RedisRefusedError,
     RedisReplyError,
     RedisUnavailableError,
     SessionStateLostError,
@@ -83,6 +84,7 @@ class Worker:
         self._control: Control | None = None
         self._serving = False  # holds the session's lease (the session's meta is this worker's to write)
         self._outage: float | None = None  # when Redis went (monotonic), while it is unavailable
+        self._refused = ""  # Redis's words, while the outage is a refusal (heartbeats say it: see heartbeat_fields)
         self._delay = 0.05  # seconds before the next attempt to resume, during an outage
         self.leased = False
         """Has this worker held the session's lease? Until then a stop may abandon whatever it waits for (a
@@ -452,6 +454,7 @@ class Worker:
                     raise error
             time.sleep(self._delay)
             self._delay = min(self._delay * 2, 2.0)
+            self._refused = str(error) if isinstance(error, RedisRefusedError) else ""
             try:
                 self._resume()
                 return
@@ -471,10 +474,14 @@ class Worker:
         self._last = self.store.last_delivered()
 
     def _recovered(self) -> None:
-        """A take succeeded: an outage in progress is over."""
+        """A take succeeded: an outage in progress is over (a refusal's end is beaten at once, so that no waiting
+        producer gives up on a refusal already over)."""
         if self._outage is not None:
             log.info("Redis is back after %.1fs", time.monotonic() - self._outage)
             self._outage = None
+            if self._refused:
+                self._refused = ""
+                self.renewed(self.store.beat(self.heartbeat_fields()))
 
     def _record_loss(self, reason: str) -> None:
         try:
@@ -508,6 +515,7 @@ class Worker:
             "shell_pid": self.shell.pid,
             "shell_epoch": self.shell.epoch,
             "queue_cap": self.settings.queue_cap,
+            "refused": self._refused,
         }
 
     def renewed(self, ok: bool) -> None:
