@@ -239,14 +239,20 @@ class AsyncSession:
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = core.tail_id((await self.client.send(core.tail_call(self.keys)))[0])
-        cid, new, reply = await self._submit(req, read_from=self._last_seen)
-        if not new:
-            return await self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
         try:
-            found = await self._found(cid, *reply)
-        except InvalidResultError as e:
-            return await self._give_up(cid, e, cancel=True)
-        return found or await self._wait(cid, deadline)
+            cid, new, reply = await self._submit(req, read_from=self._last_seen)
+        except RedisUnavailableError as e:
+            raise e if core.never_sent(e) else core.may_run(e, str(req.id)) from None
+        try:
+            if not new:
+                return await self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                found = await self._found(cid, *reply)
+            except InvalidResultError as e:
+                return await self._give_up(cid, e, cancel=True)
+            return found or await self._wait(cid, deadline)
+        except RedisUnavailableError as e:
+            raise core.may_run(e, cid) from None
 
     async def result(self, command_id: str, timeout: float = 60.0, *, cancel: bool = True) -> Result:
         """The result of a command, waiting up to `timeout` seconds (Session.result)."""

@@ -19,7 +19,8 @@
     shellq exec S [--timeout T] [--json | --follow] [-i] [-u USER] [--env K=V] [--cwd DIR] [--id ID] -- CMD
                                                run CMD; its stdout/stderr and exit status become shellq's
                                                (124 timeout, 130 cancelled, 125 when shellq could not run it
-                                               and never will, 75 when it started but its result never came);
+                                               and never will, 75 when it started, or may have been queued
+                                               before Redis went, but its result never came);
                                                --follow prints its output as it comes; -i gives it this stdin;
                                                -u runs it as USER in a child of the shell; --id ID
                                                again returns that run's result instead of a rerun
@@ -66,7 +67,7 @@ from producer.cli_fast import exit_status
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
 from producer.result import Result
 from worker import protocol
-from worker.errors import ShellqError, WaitError
+from worker.errors import RedisUnavailableError, ShellqError, WaitError
 
 if TYPE_CHECKING:
     from containers.backend import Backend
@@ -539,6 +540,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if e.cancelled:
             raise  # 125: it did not run and never will
         print(f"shellq: {e} (command {cid}; do not retry it blindly: it started)", file=sys.stderr)
+        return EXIT_STARTED
+    except RedisUnavailableError as e:
+        if e.command_id is None and not args.id:  # nothing reached Redis (an --id, the fast path's too, may have)
+            raise  # 125
+        where = "" if e.command_id else f"; command {cid} may have been queued and may still run"
+        print(f"shellq: {e}{where} (do not retry it blindly: `shellq log` tells)", file=sys.stderr)
         return EXIT_STARTED
     if args.json:
         print(json.dumps(_json_view(r)))

@@ -23,6 +23,7 @@ from worker import protocol
 from worker.errors import (
     InvalidResultError,
     NoWorkerError,
+    RedisUnavailableError,
     ResultTimeoutError,
     ShellqError,
     WaitError,
@@ -255,14 +256,20 @@ class Session:
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = self._tail()
-        cid, new, reply = self._submit(req, read_from=self._last_seen)
-        if not new:
-            return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
         try:
-            found = self._found(cid, *reply)
-        except InvalidResultError as e:
-            return self._give_up(cid, e, cancel=True)
-        return found or self._wait(cid, deadline)
+            cid, new, reply = self._submit(req, read_from=self._last_seen)
+        except RedisUnavailableError as e:
+            raise e if core.never_sent(e) else core.may_run(e, str(req.id)) from None
+        try:
+            if not new:
+                return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                found = self._found(cid, *reply)
+            except InvalidResultError as e:
+                return self._give_up(cid, e, cancel=True)
+            return found or self._wait(cid, deadline)
+        except RedisUnavailableError as e:
+            raise core.may_run(e, cid) from None
 
     def result(self, command_id: str, timeout: float = 60.0, *, cancel: bool = True) -> Result:
         """The result of a command, waiting up to `timeout` seconds for it. Raises ResultTimeoutError when it does

@@ -105,6 +105,18 @@ def redis_errors(url: str) -> Iterator[None]:
         raise
 
 
+def may_run(error: RedisUnavailableError, command_id: str) -> RedisUnavailableError:
+    """`error`, saying that `command_id` may have been queued and may still run (its `command_id` set)."""
+    said = type(error)(f"{error}; command {command_id} may have been queued and may still run: its result tells")
+    said.command_id = command_id
+    return said
+
+
+def never_sent(error: RedisUnavailableError) -> bool:
+    """Did `error` come before anything reached Redis: a refusal of the request itself, or no connection made?"""
+    return isinstance(error, RedisRefusedError) or " connecting to " in str(error)
+
+
 def refusal(error: Exception) -> str | None:
     """The text of a Redis error reply that refuses commands for now (worker.errors.REFUSALS), else None. redis-py
     cuts the code off the replies it has a class for (OOM, READONLY, MASTERDOWN...) and keeps it in `status_code`."""

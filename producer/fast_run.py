@@ -12,6 +12,7 @@ import sys
 import time
 
 from producer.cli_fast import EXIT_CANCELLED, EXIT_SHELLQ, EXIT_STARTED
+from worker.errors import RedisRefusedError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms); mypy treats the name as true
 if TYPE_CHECKING:
@@ -79,7 +80,11 @@ class Run:
         self.last = tail[0][0].decode() if tail else "0-0"
         deadline = time.monotonic() + (timeout or float(self.settings["default_timeout"])) + RUN_MARGIN
         self.submitted = True
-        accepted, read, journal = self.r.pipeline(self.submit_call(), self.read_call(1000), self.journal_call())
+        try:
+            accepted, read, journal = self.r.pipeline(self.submit_call(), self.read_call(1000), self.journal_call())
+        except RedisRefusedError:  # the submit itself was refused (the reads after it never are): nothing queued
+            self.submitted = False
+            raise
         if accepted[0] == 0:  # an id accepted before: its result, as `Session.result` reads it
             journal, tail = self.r.pipeline(self.journal_call(), ("XREVRANGE", self.res, "+", "-", "COUNT", "1"))
             self.last, read = tail[0][0].decode() if tail else "0-0", None

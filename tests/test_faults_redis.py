@@ -261,6 +261,37 @@ def test_a_redis_turned_replica_is_waited_out(durable_server: RedisServer, worke
     assert "Redis is back after" in log and "Traceback" not in log, log
 
 
+def test_exec_says_a_command_may_still_run_when_redis_goes_while_it_waits(
+    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+) -> None:
+    """`shellq exec` queued behind a running command when Redis turns replica: its wait cannot cancel the command
+    (READONLY), so it must not exit 125 ("never will run"): it exits 75 saying the command may still run, and it
+    does run once Redis is a master again."""
+    workers.start(durable_server.url, session_id)
+    with client_for(durable_server.url) as client:
+        s = client.session(session_id)
+        started, ran = tmp_path / "started", tmp_path / "ran"
+        first = s.submit(f"touch {started}; sleep 3")
+        wait_for(started.exists, timeout=30)
+        env = {**os.environ, "SHELLQ_REDIS_URL": durable_server.url, "SHELLQ_RETRY_FOR": "1"}
+        env["SHELLQ_NO_WORKER_AFTER"] = "2"
+        cli = subprocess.Popen(
+            [SHELLQ_SCRIPT, "exec", session_id, "--", f"echo behind >> {ran}"],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.5)  # queued behind the sleep
+        with durable_server.client() as admin:
+            admin.replicaof("127.0.0.1", str(free_port()))
+            try:
+                _, stderr = cli.communicate(timeout=60)
+            finally:
+                admin.replicaof("NO", "ONE")
+        assert cli.returncode == 75, stderr
+        assert "may have been queued and may still run" in stderr and "Traceback" not in stderr, stderr
+        assert s.result(first, timeout=30).status == "completed"
+        wait_for(lambda: ran.exists() and ran.read_text() == "behind\n", timeout=30)
+
+
 @pytest.mark.parametrize(
     ("reply", "refused"),
     [

@@ -45,7 +45,10 @@ class QueueFullError(ShellqError):
 
 
 class RedisUnavailableError(ShellqError, ConnectionError):
-    """Redis could not be reached."""
+    """Redis could not be reached. `command_id`: the command a `run` had submitted, or may have (its reply was
+    lost), before Redis went: it may still run, and `result(command_id)` tells once Redis answers; None otherwise."""
+
+    command_id: str | None = None
 
 
 REFUSALS = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")
