@@ -163,12 +163,15 @@ def run_exec(argv: list[str], args: ExecArgs) -> int:
     if said:
         print(said, file=sys.stderr)
     from producer.fast_run import Run
+    from worker.errors import RedisTimeoutError
 
     run = Run(url, args.name, cid, settings, fields)
     try:
         outcome = run.wait_for_result(args.timeout)
     except KeyboardInterrupt:  # Ctrl-C stops the command too, as in a terminal
         return run.interrupt()
+    except RedisTimeoutError as e:  # a Redis that answers nothing: the full path would wait as long again
+        return run.unanswered(e)
     except Exception:  # what the fast path does not expect: the full path takes over, and says what it is
         outcome = None
     finally:

@@ -31,6 +31,7 @@ from worker.errors import (
     QueueFullError,
     RedisRefusedError,
     RedisReplyError,
+    RedisTimeoutError,
     RedisUnavailableError,
     SessionStateLostError,
     WaitError,
@@ -97,7 +98,9 @@ def redis_errors(url: str) -> Iterator[None]:
         raise AccessDeniedError(f"Redis at {redact(url)} refused this user: {e}") from None
     except redis.exceptions.BusyLoadingError as e:  # a ConnectionError to redis-py; a refusal (LOADING) to shellq
         raise RedisRefusedError(f"Redis at {redact(url)} refuses commands now: LOADING {e}") from None
-    except (redis.ConnectionError, redis.TimeoutError) as e:
+    except redis.TimeoutError as e:
+        raise RedisTimeoutError(f"cannot reach Redis at {redact(url)}: {e}") from e
+    except redis.ConnectionError as e:
         raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}: {e}") from e
     except redis.ResponseError as e:
         if refusal(e):

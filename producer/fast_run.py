@@ -12,7 +12,7 @@ import sys
 import time
 
 from producer.cli_fast import EXIT_CANCELLED, EXIT_SHELLQ, EXIT_STARTED
-from worker.errors import RedisRefusedError
+from worker.errors import RedisRefusedError, RedisTimeoutError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms); mypy treats the name as true
 if TYPE_CHECKING:
@@ -188,6 +188,17 @@ class Run:
         except ShellqError as e:  # SessionStateLostError
             print(f"shellq: {e}", file=sys.stderr)
             return EXIT_SHELLQ
+
+    def unanswered(self, error: RedisTimeoutError) -> int:
+        """Redis accepted the connection and gave no reply within the read timeout: say so as `cmd_exec` does (125,
+        or 75 once the submit was sent: the command may have been queued and may still run)."""
+        where = f"shellq: cannot reach Redis at {redact(self.url)}: {error}"
+        if not self.submitted:
+            print(where, file=sys.stderr)
+            return EXIT_SHELLQ
+        maybe = f"command {self.cid} may have been queued and may still run"
+        print(f"{where}; {maybe} (do not retry it blindly: `shellq log` tells)", file=sys.stderr)
+        return EXIT_STARTED
 
     def interrupt(self) -> int:
         """`Session.interrupt`: XADD an interrupt to the session's control stream, on a new connection (a reply

@@ -20,7 +20,7 @@ from history import History, analyse, exec_line
 from tcp_proxy import TcpProxy
 from test_faults import AOF_ALWAYS, Workers, client_for, own_server, settle, submit_ok, wait_exit, worker_pool
 
-from producer import NoWorkerError, RedisRefusedError, RedisUnavailableError, SessionStateLostError
+from producer import NoWorkerError, RedisRefusedError, RedisTimeoutError, RedisUnavailableError, SessionStateLostError
 from worker import protocol
 
 pytestmark = pytest.mark.timeout(90)
@@ -259,6 +259,7 @@ def test_a_redis_turned_replica_is_waited_out(durable_server: RedisServer, worke
     log = workers.log(proc)
     assert log.count("Redis unavailable (") == 1, log  # the switch resets connections first, then READONLY
     assert "Redis is back after" in log and "Traceback" not in log, log
+    assert "control thread:" not in log, log  # its blocked read cut short (UNBLOCKED) is the same outage
 
 
 def test_exec_says_a_command_may_still_run_when_redis_goes_while_it_waits(
@@ -301,6 +302,7 @@ def test_exec_says_a_command_may_still_run_when_redis_goes_while_it_waits(
         ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", True),
         ("BUSY Redis is busy running a script.", True),
         ("NOREPLICAS Not enough good replicas to write.", True),
+        ("UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)", True),
         ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
         ("ERR Function not found", False),
         ("FENCED lease lost", False),
@@ -384,9 +386,32 @@ def test_a_redis_that_does_not_answer_is_unavailable_after_one_read_timeout(tmp_
         server.stop()
     assert set(outcomes) == {"sync", "async"}  # the sync call ended too
     for name, (error, took) in outcomes.items():
-        assert isinstance(error, RedisUnavailableError), (name, error)
+        assert isinstance(error, RedisTimeoutError), (name, error)
         assert f"cannot reach Redis at {redact(server.url)}" in str(error), (name, error)
         assert took < 2 * READ_TIMEOUT, (name, took)
+
+
+def test_exec_against_a_redis_that_does_not_answer_ends_after_one_read_timeout(tmp_path: Path) -> None:
+    """`shellq exec` to a Redis that accepts connections and says nothing: exit 125 naming it, after one read
+    timeout. Its fast path used to hand over to the full path, which waited as long again (over 20 s)."""
+    from producer.core import READ_TIMEOUT
+
+    kind, binary = next(iter(server_binaries().items()))
+    server = RedisServer(kind, binary, tmp_path)
+    server.start()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        env = {**os.environ, "SHELLQ_REDIS_URL": server.url}
+        argv = [SHELLQ_SCRIPT, "exec", "quiet-s", "--", "true"]
+        cli = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+        took = time.monotonic() - started
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+    assert cli.returncode == 125, cli.stderr
+    assert f"no reply within {READ_TIMEOUT:g}s" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+    assert took < 1.5 * READ_TIMEOUT, took
 
 
 def test_producer_default_retry_window_is_ten_seconds() -> None:

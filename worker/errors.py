@@ -5,6 +5,7 @@ ShellqError
 ├── InvalidRequestError(ShellqError, ValueError) a command that breaks a limit (too large, bad timeout)
 ├── QueueFullError                               the session's queue is at its cap
 ├── RedisUnavailableError(ShellqError, ConnectionError)  Redis cannot be reached (after retries)
+│   ├── RedisTimeoutError                        Redis accepted the connection but gave no reply in time
 │   └── RedisRefusedError                        Redis answers but refuses commands for now (OOM, MISCONF, ...)
 ├── RedisReplyError                              Redis answered the worker's own client with an error
 ├── AccessDeniedError(ShellqError, PermissionError) this Redis user may not do that (another session's keys)
@@ -51,10 +52,16 @@ class RedisUnavailableError(ShellqError, ConnectionError):
     command_id: str | None = None
 
 
-REFUSALS = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")
+class RedisTimeoutError(RedisUnavailableError):
+    """Redis gave no reply within the client's read timeout (seconds; 10 by default): it accepted the connection and
+    is stopped, overloaded or not Redis. Another attempt waits as long again."""
+
+
+REFUSALS = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "UNBLOCKED")
 """Error replies by which a Redis that is up refuses commands until its state changes: at maxmemory with
 `noeviction` (OOM), unable to write its AOF or RDB to disk (MISCONF), a replica (READONLY), loading its data
-(LOADING), running a long script (BUSY), a replica cut off from its master or a master short of replicas."""
+(LOADING), running a long script (BUSY), a replica cut off from its master or a master short of replicas; and the
+end of a blocking read cut short by such a change (UNBLOCKED: a master turned replica, say)."""
 
 
 class RedisRefusedError(RedisUnavailableError):

@@ -18,7 +18,14 @@ from _thread import _local, allocate_lock
 
 import hiredis
 
-from worker.errors import ConfigError, RedisRefusedError, RedisReplyError, RedisUnavailableError, is_refusal
+from worker.errors import (
+    ConfigError,
+    RedisRefusedError,
+    RedisReplyError,
+    RedisTimeoutError,
+    RedisUnavailableError,
+    is_refusal,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -161,7 +168,7 @@ class Redis:
             replies = conn.roundtrip(commands)
         except (OSError, hiredis.ProtocolError) as e:
             self._drop(conn)
-            raise RedisUnavailableError(self._failure(e)) from None
+            raise self._unavailable(e) from None
         for reply in replies:
             if isinstance(reply, RedisReplyError):
                 if is_refusal(str(reply)):
@@ -169,11 +176,12 @@ class Redis:
                 raise reply
         return replies
 
-    def _failure(self, e: Exception) -> str:
-        """What went wrong with a connection, in words: the kernel's receive timeout surfaces as EAGAIN."""
+    def _unavailable(self, e: Exception, step: str = "") -> RedisUnavailableError:
+        """What went wrong with a connection, as shellq's error: the kernel's receive timeout surfaces as EAGAIN."""
         if isinstance(e, (BlockingIOError, TimeoutError)):
-            return f"no reply within {self._timeout:g}s (the server accepted the connection but does not answer)"
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            silent = f"no reply within {self._timeout:g}s (the server accepted the connection but does not answer)"
+            return RedisTimeoutError(step + silent)
+        return RedisUnavailableError(step + (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
 
     def close(self) -> None:
         with self._lock:
@@ -207,7 +215,7 @@ class Redis:
                 refused = [r for r in conn.roundtrip(handshake) if isinstance(r, RedisReplyError)]
             except OSError as e:
                 conn.close()
-                raise RedisUnavailableError(f"connection setup failed: {self._failure(e)}") from None
+                raise self._unavailable(e, "connection setup failed: ") from None
             if refused:
                 conn.close()
                 if is_refusal(str(refused[0])):  # BUSY with a long script, LOADING: the server's state, not ours
