@@ -29,6 +29,7 @@ from worker.errors import (
     ConfigError,
     InvalidResultError,
     NoWorkerError,
+    RedisRefusedError,
     RedisUnavailableError,
     ResultTimeoutError,
     SessionStateLostError,
@@ -80,7 +81,9 @@ class _RetryFor(redis.asyncio.retry.Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        return await super().call_with_retry(do, fail, core.retry_until(self.seconds, is_retryable), with_failure_count)
+        attempts = core.Attempts(core.retry_until(self.seconds, is_retryable))
+        with attempts.told():
+            return await super().call_with_retry(do, fail, attempts, with_failure_count)
 
 
 class AsyncClient:
@@ -130,13 +133,15 @@ class AsyncClient:
         reply raises redis.ResponseError, or with `errors_in_place` is returned in its place. A connection error is
         retried with backoff for `retry_for` seconds (resending is safe: submits are idempotent by id)."""
         deadline = time.monotonic() + self.settings.retry_for
-        delay = 0.05
+        delay, unsent = 0.05, True
         while True:
             try:
                 with core.redis_errors(self.settings.redis_url):
                     return await self._roundtrip(commands, errors_in_place)
-            except RedisUnavailableError:
+            except RedisUnavailableError as e:
+                unsent = unsent and (isinstance(e, RedisRefusedError) or core.unsent(e))
                 if time.monotonic() + delay > deadline:
+                    e.shellq_unsent = unsent  # type: ignore[attr-defined]  # see core.unsent
                     raise
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
@@ -235,14 +240,18 @@ class AsyncSession:
         same `stdin`, `user` and `merge_stderr`)."""
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
-            return Result.from_wire(await self._drive(files.run_with_input(self, req, stdin, timeout)))
+            await self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
+            try:
+                return Result.from_wire(await self._drive(files.run_with_input(self, req, stdin, timeout)))
+            except RedisUnavailableError as e:  # its submit, its input or its wait: any may have followed a queueing
+                raise core.may_run(e, str(req.id)) from None
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = core.tail_id((await self.client.send(core.tail_call(self.keys)))[0])
         try:
             cid, new, reply = await self._submit(req, read_from=self._last_seen)
         except RedisUnavailableError as e:
-            raise e if core.never_sent(e) else core.may_run(e, str(req.id)) from None
+            raise e if core.unsent(e) else core.may_run(e, str(req.id)) from None
         try:
             if not new:
                 return await self.result(cid, timeout=max(0.0, deadline - time.monotonic()))

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer import files, history
+from producer import core, files, history
 from producer.attach import add_attach_verb
 from producer.cli_fast import exit_status
 from producer.client import RUN_MARGIN, Client, ClientSettings, Session
@@ -558,16 +558,24 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def _follow(session: Session, command: str, timeout: float | None, **options: Any) -> Result:
     """`Session.run`, printing the command's output as it comes (`Session.stream`); a gap in it (bytes the live
     stream dropped, kept in the result's spool) is said on stderr."""
-    cid = session.submit(command, timeout=timeout, **options)
+    session.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
+    try:
+        cid = session.submit(command, timeout=timeout, **options)
+    except RedisUnavailableError as e:
+        inline = options.get("stdin") is None and len(command.encode(errors="surrogateescape")) <= files.INLINE
+        raise e if inline and core.unsent(e) else core.may_run(e, options["id"]) from None  # see Session.run
     limit = (timeout or session.client.settings.default_timeout) + RUN_MARGIN
     shown = {"stdout": 0, "stderr": 0}
-    for chunk in session.stream(cid, timeout=limit, cancel=True):
-        if chunk.offset > shown[chunk.stream]:
-            skipped = chunk.offset - shown[chunk.stream]
-            os.write(2, f"\nshellq: [{skipped} bytes of {chunk.stream} not shown: see the spool]\n".encode())
-        os.write(1 if chunk.stream == "stdout" else 2, chunk.data)
-        shown[chunk.stream] = chunk.offset + len(chunk.data)
-    return session.result(cid)
+    try:
+        for chunk in session.stream(cid, timeout=limit, cancel=True):
+            if chunk.offset > shown[chunk.stream]:
+                skipped = chunk.offset - shown[chunk.stream]
+                os.write(2, f"\nshellq: [{skipped} bytes of {chunk.stream} not shown: see the spool]\n".encode())
+            os.write(1 if chunk.stream == "stdout" else 2, chunk.data)
+            shown[chunk.stream] = chunk.offset + len(chunk.data)
+        return session.result(cid)
+    except RedisUnavailableError as e:
+        raise core.may_run(e, cid) from None
 
 
 def cmd_cp(args: argparse.Namespace) -> int:

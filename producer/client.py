@@ -252,14 +252,18 @@ class Session:
         stdout (`2>&1`), interleaved in the order written; the result's stderr is then empty."""
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
-            return Result.from_wire(files.drive(self, files.run_with_input(self, req, stdin, timeout)))
+            self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
+            try:
+                return Result.from_wire(files.drive(self, files.run_with_input(self, req, stdin, timeout)))
+            except RedisUnavailableError as e:  # its submit, its input or its wait: any may have followed a queueing
+                raise core.may_run(e, str(req.id)) from None
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = self._tail()
         try:
             cid, new, reply = self._submit(req, read_from=self._last_seen)
         except RedisUnavailableError as e:
-            raise e if core.never_sent(e) else core.may_run(e, str(req.id)) from None
+            raise e if core.unsent(e) else core.may_run(e, str(req.id)) from None
         try:
             if not new:
                 return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))

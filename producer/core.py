@@ -86,7 +86,49 @@ class RetryFor(redis.retry.Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> Any:
-        return super().call_with_retry(do, fail, retry_until(self.seconds, is_retryable), with_failure_count)
+        attempts = Attempts(retry_until(self.seconds, is_retryable))
+        with attempts.told():
+            return super().call_with_retry(do, fail, attempts, with_failure_count)
+
+
+class Attempts:
+    """The failed attempts of one call with retries (an is_retryable filter that remembers what it saw), so that the
+    error finally raised can say whether every attempt failed before anything was sent: `unsent(error)`."""
+
+    def __init__(self, retryable: Callable[[Exception], bool]) -> None:
+        self.retryable = retryable
+        self.failures: list[Exception] = []
+
+    def __call__(self, error: Exception) -> bool:
+        self.failures.append(error)
+        return self.retryable(error)
+
+    @contextmanager
+    def told(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            seen = self.failures
+            e.shellq_unsent = bool(seen) and e is seen[-1] and all(map(_before_sending, seen))  # type: ignore[attr-defined]
+            raise
+
+
+def _before_sending(error: Exception) -> bool:
+    """Did this attempt fail before its commands reached Redis: in the connect (redis-py's "Error N connecting to
+    HOST:PORT", "Timeout connecting to server"), or refused by Redis (a refused submit queues nothing)?"""
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        return "connecting to " in str(error)
+    return refusal(error) is not None
+
+
+def unsent(error: BaseException) -> bool:
+    """Did every attempt of the call that raised `error` fail before anything reached Redis? Read from `error`, else
+    from the error it was raised from (the outermost call that knows says: a connect's own retries know less than
+    the command's). False when nothing says."""
+    for e in (error, error.__cause__, error.__context__):
+        if e is not None and hasattr(e, "shellq_unsent"):
+            return bool(e.shellq_unsent)
+    return False
 
 
 @contextmanager
@@ -113,11 +155,6 @@ def may_run(error: RedisUnavailableError, command_id: str) -> RedisUnavailableEr
     said = type(error)(f"{error}; command {command_id} may have been queued and may still run: its result tells")
     said.command_id = command_id
     return said
-
-
-def never_sent(error: RedisUnavailableError) -> bool:
-    """Did `error` come before anything reached Redis: a refusal of the request itself, or no connection made?"""
-    return isinstance(error, RedisRefusedError) or " connecting to " in str(error)
 
 
 def refusal(error: Exception) -> str | None:

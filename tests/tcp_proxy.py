@@ -3,6 +3,7 @@
     with TcpProxy(redis_port) as proxy:
         worker_url = proxy.url          # the worker dials Redis through the proxy
         proxy.cut()                     # every current connection is reset; new ones are accepted as before
+        proxy.muted.set()               # Redis's replies are dropped from now on (requests still reach it)
 
 Loopback only: it listens on and forwards to 127.0.0.1, nothing else.
 """
@@ -32,6 +33,8 @@ class TcpProxy:
         self._closed = threading.Event()
         self.accepted = 0
         """Connections accepted so far (reconnections show up here)."""
+        self.muted = threading.Event()
+        """While set, what Redis sends is dropped: a request reaches it and its reply is lost on the way."""
         self._thread = threading.Thread(target=self._accept_loop, name=f"tcp-proxy-{self.port}", daemon=True)
         self._thread.start()
 
@@ -94,7 +97,7 @@ class TcpProxy:
             except OSError:
                 _reset(client)
                 continue
-            pair = _Pair(client, upstream)
+            pair = _Pair(client, upstream, self.muted)
             with self._lock:
                 self._pairs = [p for p in self._pairs if p.thread.is_alive()]
                 self._pairs.append(pair)
@@ -105,10 +108,10 @@ class TcpProxy:
 class _Pair:
     """One forwarded connection: the accepted socket, the socket to the target, the thread copying between them."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, muted: threading.Event) -> None:
         client.settimeout(None)
         upstream.settimeout(None)
-        self.client, self.upstream = client, upstream
+        self.client, self.upstream, self.muted = client, upstream, muted
         self.thread = threading.Thread(target=self._pump, name="tcp-proxy-pump", daemon=True)
 
     def stop(self) -> None:
@@ -130,7 +133,8 @@ class _Pair:
                         data = src.recv(65536)
                         if not data:
                             return
-                        peer[src].sendall(data)
+                        if not (src is self.upstream and self.muted.is_set()):
+                            peer[src].sendall(data)
         except OSError:
             return
         finally:

@@ -182,6 +182,47 @@ def test_connections_cut_again_and_again_during_a_stream_of_commands(
     assert report.statuses["lost"] == 0
 
 
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_submit_whose_reply_is_lost_is_said_to_may_still_run(
+    redis_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path, side: str
+) -> None:
+    """Redis gets the submit and its reply is lost (the connection goes, then Redis cannot be reached until the
+    retries end): the command runs, so `run` must not raise as if nothing had been queued. It raised without
+    `command_id`, from the last attempt's connect error, and `shellq exec` exited 125 ("never will run")."""
+    from producer import AsyncClient, ClientSettings
+
+    ran = tmp_path / "ran"
+    workers.start(redis_server.url, session_id)
+    with TcpProxy(redis_server.port, redis_server.password) as proxy:
+        settings = ClientSettings(redis_url=proxy.url, retry_for=1.0)
+
+        async def run_async() -> None:
+            async with AsyncClient(settings=settings) as client:
+                s = client.session(session_id)
+                assert (await s.run("true", timeout=10)).exit_code == 0  # connected, the library loaded
+                proxy.muted.set()
+                await s.run(f"touch {ran}", timeout=10, id="lost-reply")
+
+        def run_sync() -> None:
+            s = client_for(proxy.url, retry_for=1.0).session(session_id)
+            assert s.run("true", timeout=10).exit_code == 0
+            proxy.muted.set()
+            s.run(f"touch {ran}", timeout=10, id="lost-reply")
+
+        outcome: list[object] = []
+        caller = threading.Thread(
+            target=lambda: outcome.append(_try(run_sync if side == "sync" else lambda: asyncio.run(run_async())))
+        )
+        caller.start()
+        wait_for(ran.exists, timeout=30)  # it ran; its caller has heard nothing
+        proxy.close()  # the connection goes; reconnecting is refused from now on
+        caller.join(timeout=60)
+    [error] = outcome
+    assert isinstance(error, RedisUnavailableError), error
+    assert error.command_id == "lost-reply", error
+    assert "may have been queued and may still run" in str(error), error
+
+
 # -- a Redis that refuses commands -----------------------------------------------------------------------------
 
 
@@ -262,12 +303,14 @@ def test_a_redis_turned_replica_is_waited_out(durable_server: RedisServer, worke
     assert "control thread:" not in log, log  # its blocked read cut short (UNBLOCKED) is the same outage
 
 
+@pytest.mark.parametrize("how", [[], ["--follow"], ["-i"]], ids=["plain", "follow", "stdin"])
 def test_exec_says_a_command_may_still_run_when_redis_goes_while_it_waits(
-    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path
+    durable_server: RedisServer, workers: Workers, session_id: str, tmp_path: Path, how: list[str]
 ) -> None:
     """`shellq exec` queued behind a running command when Redis turns replica: its wait cannot cancel the command
     (READONLY), so it must not exit 125 ("never will run"): it exits 75 saying the command may still run, and it
-    does run once Redis is a master again."""
+    does run once Redis is a master again. The same with its output followed, and with stdin (which go other
+    ways: a submit and a stream; the input's steps)."""
     workers.start(durable_server.url, session_id)
     with client_for(durable_server.url) as client:
         s = client.session(session_id)
@@ -277,9 +320,13 @@ def test_exec_says_a_command_may_still_run_when_redis_goes_while_it_waits(
         env = {**os.environ, "SHELLQ_REDIS_URL": durable_server.url, "SHELLQ_RETRY_FOR": "1"}
         env["SHELLQ_NO_WORKER_AFTER"] = "2"
         cli = subprocess.Popen(
-            [SHELLQ_SCRIPT, "exec", session_id, "--", f"echo behind >> {ran}"],
-            env=env, stderr=subprocess.PIPE, text=True,
+            [SHELLQ_SCRIPT, "exec", session_id, *how, "--", f"echo behind >> {ran}"],
+            env=env, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        assert cli.stdin is not None
+        cli.stdin.write("input\n")
+        cli.stdin.close()
+        cli.stdin = None  # written and closed: communicate() below only reads
         time.sleep(0.5)  # queued behind the sleep
         with durable_server.client() as admin:
             admin.replicaof("127.0.0.1", str(free_port()))
