@@ -82,8 +82,11 @@ class _RetryFor(redis.asyncio.retry.Retry):
         with_failure_count: bool = False,
     ) -> T:
         attempts = core.Attempts(core.retry_until(self.seconds, is_retryable))
-        with attempts.told():
+        try:
             return await super().call_with_retry(do, fail, attempts, with_failure_count)
+        except Exception as e:
+            attempts.tell(e)
+            raise
 
 
 class AsyncClient:

@@ -87,8 +87,11 @@ class RetryFor(redis.retry.Retry):
         with_failure_count: bool = False,
     ) -> Any:
         attempts = Attempts(retry_until(self.seconds, is_retryable))
-        with attempts.told():
+        try:
             return super().call_with_retry(do, fail, attempts, with_failure_count)
+        except Exception as e:
+            attempts.tell(e)
+            raise
 
 
 class Attempts:
@@ -103,14 +106,10 @@ class Attempts:
         self.failures.append(error)
         return self.retryable(error)
 
-    @contextmanager
-    def told(self) -> Iterator[None]:
-        try:
-            yield
-        except Exception as e:
-            seen = self.failures
-            e.shellq_unsent = bool(seen) and e is seen[-1] and all(map(_before_sending, seen))  # type: ignore[attr-defined]
-            raise
+    def tell(self, error: Exception) -> None:
+        """Mark the error the call raised: were all its attempts failures before anything was sent?"""
+        seen = self.failures
+        error.shellq_unsent = bool(seen) and error is seen[-1] and all(map(_before_sending, seen))  # type: ignore[attr-defined]
 
 
 def _before_sending(error: Exception) -> bool:
