@@ -223,7 +223,7 @@ class AsyncSession:
         """Queue a command and return its id (Session.submit)."""
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
-            return await self._drive(files.submit_with_input(self, req, stdin, timeout))
+            return await self._with_input(req, files.submit_with_input(self, req, stdin, timeout))
         return (await self._submit(req, read_from=None))[0]
 
     async def run(
@@ -243,18 +243,11 @@ class AsyncSession:
         same `stdin`, `user` and `merge_stderr`)."""
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
-            await self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
-            try:
-                return Result.from_wire(await self._drive(files.run_with_input(self, req, stdin, timeout)))
-            except RedisUnavailableError as e:  # its submit, its input or its wait: any may have followed a queueing
-                raise core.may_run(e, str(req.id)) from None
+            return Result.from_wire(await self._with_input(req, files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + core.RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = core.tail_id((await self.client.send(core.tail_call(self.keys)))[0])
-        try:
-            cid, new, reply = await self._submit(req, read_from=self._last_seen)
-        except RedisUnavailableError as e:
-            raise e if core.unsent(e) else core.may_run(e, str(req.id)) from None
+        cid, new, reply = await self._submit(req, read_from=self._last_seen)
         try:
             if not new:
                 return await self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
@@ -406,8 +399,19 @@ class AsyncSession:
         commands = [core.submit_call(self.keys, settings, req)]
         if read_from is not None:
             commands += [core.read_call(self.keys, read_from, 1000), core.journal_call(self.keys, req.id)]
-        replies = await self.client.fcall(*commands)
+        try:
+            replies = await self.client.fcall(*commands)
+        except RedisUnavailableError as e:  # Session._submit
+            raise e if core.unsent(e) else core.may_run(e, req.id) from None
         return req.id, core.submitted(self.id, req, replies[0]), replies[1:] if read_from is not None else None
+
+    async def _with_input(self, req: CommandRequest, steps: files.Steps[T]) -> T:
+        """Session._with_input, awaited."""
+        await self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
+        try:
+            return await self._drive(steps)
+        except RedisUnavailableError as e:
+            raise core.may_run(e, str(req.id)) from None
 
     async def _found(self, command_id: str, read: Any, journal: Any) -> Result | None:
         found = core.found(self.keys, command_id, read, journal)

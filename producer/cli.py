@@ -558,12 +558,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def _follow(session: Session, command: str, timeout: float | None, **options: Any) -> Result:
     """`Session.run`, printing the command's output as it comes (`Session.stream`); a gap in it (bytes the live
     stream dropped, kept in the result's spool) is said on stderr."""
-    session.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
-    try:
-        cid = session.submit(command, timeout=timeout, **options)
-    except RedisUnavailableError as e:
-        inline = options.get("stdin") is None and len(command.encode(errors="surrogateescape")) <= files.INLINE
-        raise e if inline and core.unsent(e) else core.may_run(e, options["id"]) from None  # see Session.run
+    cid = session.submit(command, timeout=timeout, **options)  # a RedisUnavailableError says if it may run
     limit = (timeout or session.client.settings.default_timeout) + RUN_MARGIN
     shown = {"stdout": 0, "stderr": 0}
     try:

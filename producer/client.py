@@ -10,7 +10,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis
@@ -39,6 +39,9 @@ def _default_name() -> str:
     except (KeyError, OSError):  # a uid with no passwd entry (a container's)
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
+
+
+T = TypeVar("T")
 
 
 class ClientSettings(EnvSettings):
@@ -220,7 +223,7 @@ class Session:
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is None and len(req.cmd) <= files.INLINE:
             return self._submit(req, read_from=None)[0]
-        return files.drive(self, files.submit_with_input(self, req, stdin, timeout))
+        return self._with_input(req, files.submit_with_input(self, req, stdin, timeout))
 
     def run(
         self,
@@ -252,18 +255,11 @@ class Session:
         stdout (`2>&1`), interleaved in the order written; the result's stderr is then empty."""
         req = core.request(cmd, id, timeout, idempotent, env, cwd, user, merge_stderr)
         if stdin is not None or len(req.cmd) > files.INLINE:
-            self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
-            try:
-                return Result.from_wire(files.drive(self, files.run_with_input(self, req, stdin, timeout)))
-            except RedisUnavailableError as e:  # its submit, its input or its wait: any may have followed a queueing
-                raise core.may_run(e, str(req.id)) from None
+            return Result.from_wire(self._with_input(req, files.run_with_input(self, req, stdin, timeout)))
         deadline = time.monotonic() + (timeout or self.client.settings.default_timeout) + RUN_MARGIN
         if self._last_seen is None:
             self._last_seen = self._tail()
-        try:
-            cid, new, reply = self._submit(req, read_from=self._last_seen)
-        except RedisUnavailableError as e:
-            raise e if core.unsent(e) else core.may_run(e, str(req.id)) from None
+        cid, new, reply = self._submit(req, read_from=self._last_seen)
         try:
             if not new:
                 return self.result(cid, timeout=max(0.0, deadline - time.monotonic()))
@@ -428,8 +424,20 @@ class Session:
         commands = [self._submit_call(req)]
         if read_from is not None:  # the journal is read once the blocked read returns: a result committed by then
             commands += [core.read_call(self.keys, read_from, 1000), core.journal_call(self.keys, req.id)]
-        replies = self.client.fcall(*commands)
+        try:
+            replies = self.client.fcall(*commands)
+        except RedisUnavailableError as e:  # its reply lost on the way, the command may be queued (core.unsent)
+            raise e if core.unsent(e) else core.may_run(e, req.id) from None
         return req.id, self._submitted(req, replies[0]), replies[1:] if read_from is not None else None
+
+    def _with_input(self, req: CommandRequest, steps: files.Steps[T]) -> T:
+        """files.drive of the steps of a command with stdin or over the entry cap (several calls: once Redis goes
+        after the first, the command may have been queued, and the error says so)."""
+        self.client.ensure_functions()  # a Redis gone from the start fails here, before anything is sent
+        try:
+            return files.drive(self, steps)
+        except RedisUnavailableError as e:
+            raise core.may_run(e, str(req.id)) from None
 
     def _submit_call(self, req: CommandRequest) -> tuple[Any, ...]:
         settings = self.client.settings

@@ -46,7 +46,7 @@ class QueueFullError(ShellqError):
 
 
 class RedisUnavailableError(ShellqError, ConnectionError):
-    """Redis could not be reached. `command_id`: the command a `run` had submitted, or may have (its reply was
+    """Redis could not be reached. `command_id`: the command a `run` or `submit` had sent, or may have (its reply was
     lost), before Redis went: it may still run, and `result(command_id)` tells once Redis answers; None otherwise."""
 
     command_id: str | None = None
